@@ -1,0 +1,64 @@
+"""Validated SBP settings shared by every SBP module."""
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+SAMPLINGS = ('grid', 'random')
+GRAD_SCALES = ('none', 'inverse_keep')
+
+
+@dataclass(frozen=True)
+class SBPConfig:
+    """The ``sbp=dict(...)`` keys common to SBP backbones and necks.
+
+    Args:
+        keep_ratio (float): fraction of feature-map rows whose gradients are
+            computed in the backward pass, in (0, 1]. 1.0 is plain backprop.
+            Default: 0.5.
+        sampling (str): ``'grid'`` keeps rows on a periodic grid whose offset
+            is drawn per iteration (the paper's better practice); ``'random'``
+            keeps a random subset of rows. Default: ``'grid'``.
+        grad_scale (str): ``'none'`` (the paper's code) leaves parameter
+            gradients as the sum over kept positions; ``'inverse_keep'``
+            divides them by the realised keep fraction so that their
+            expectation matches the dense gradient. Default: ``'none'``.
+        recompute (bool): store only what cannot be recomputed cheaply (the
+            inputs of k x k convolutions on the kept region) and recompute the
+            rest of each block in backward, on the kept region only: SBP
+            combined with checkpointing. Default: False.
+    """
+
+    keep_ratio: float = 0.5
+    sampling: str = 'grid'
+    grad_scale: str = 'none'
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+            raise TypeError(f'sbp.keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}')
+        if not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise ValueError(f'sbp.keep_ratio must be in (0, 1], got {self.keep_ratio}')
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f'sbp.sampling must be one of {SAMPLINGS}, got {self.sampling!r}')
+        if self.grad_scale not in GRAD_SCALES:
+            raise ValueError(f'sbp.grad_scale must be one of {GRAD_SCALES}, got {self.grad_scale!r}')
+        if not isinstance(self.recompute, bool):
+            raise TypeError(f'sbp.recompute must be True or False, got {self.recompute!r}')
+
+    @classmethod
+    def from_dict(cls, cfg: Optional[Mapping[str, Any]], extra_keys: tuple = (),
+                  owner: str = 'sbp') -> tuple['SBPConfig', dict]:
+        """Split ``cfg`` into common settings and the owner's extra keys.
+
+        Raises:
+            KeyError: for a key that is neither common nor one of
+                ``extra_keys``, naming the key and the allowed ones.
+        """
+        cfg = dict(cfg or {})
+        common = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - common - set(extra_keys))
+        if unknown:
+            allowed = sorted(common | set(extra_keys))
+            raise KeyError(f'{owner}: unknown key(s) {unknown} in sbp=dict(...); '
+                           f'allowed keys are {allowed}')
+        extras = {k: cfg.pop(k) for k in list(cfg) if k in extra_keys}
+        return cls(**cfg), extras

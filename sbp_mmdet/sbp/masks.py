@@ -1,0 +1,175 @@
+"""Row keep masks: one base mask per iteration, replicated to finer strides.
+
+SBP masks in sbp-mmdet are *row-structured*: a feature-map row is either kept
+(its gradients are computed) or dropped, across the full width. Rows make the
+halo that a k x k convolution needs around kept outputs cheap (k - 1 rows per
+band of kept rows) and let every SBP op run on dense packed bands with the
+ordinary convolution kernels, which is what turns the dropped positions into
+memory and compute that are really saved.
+
+The base mask lives at the coarsest SBP stride. A row ``i`` of a map at a finer
+stride ``s`` covers image rows ``[i * s, (i + 1) * s)`` and is kept when the
+base row that covers them is kept, so every SBP layer of the backbone and the
+neck drops the same image regions within one iteration.
+"""
+import math
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import SBPConfig
+
+
+def grid_row_mask(num_rows: int, keep_ratio: float, offset: int) -> Tensor:
+    """Periodic rows: keep 1 row in ``round(1/r)`` (r <= 0.5) or drop 1 in
+    ``round(1/(1-r))`` (r > 0.5), the period shifted by ``offset``."""
+    if keep_ratio >= 1.0:
+        return torch.ones(num_rows, dtype=torch.bool)
+    phase = (torch.arange(num_rows) + offset) % grid_period(keep_ratio)
+    return phase == 0 if keep_ratio <= 0.5 else phase != 0
+
+
+def grid_period(keep_ratio: float) -> int:
+    """Number of rows after which the grid pattern repeats."""
+    if keep_ratio >= 1.0:
+        return 1
+    share = keep_ratio if keep_ratio <= 0.5 else 1.0 - keep_ratio
+    return max(2, int(round(1.0 / share)))
+
+
+class RowMaskSampler:
+    """Draws the base row mask of each iteration.
+
+    Masks are a pure function of ``(seed, step)``: the seed follows the
+    runner's (``torch.initial_seed()`` at construction, plus the distributed
+    rank so that every rank drops different rows and the averaged gradient
+    covers more of the image), and ``step`` counts training iterations. Saving
+    and restoring ``step`` therefore restores the mask sequence exactly.
+    """
+
+    def __init__(self, cfg: SBPConfig, seed: Optional[int] = None) -> None:
+        self.cfg = cfg
+        self.seed = int(torch.initial_seed() if seed is None else seed) + _rank()
+        self.step = 0
+        self.keep_ratio = float(cfg.keep_ratio)
+
+    def sample(self, num_rows: int) -> Tensor:
+        """The base mask (bool, ``num_rows``) of the current step; advances it."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) % (2**63 - 1))
+        self.step += 1
+        ratio = self.keep_ratio
+        if ratio >= 1.0:
+            return torch.ones(num_rows, dtype=torch.bool)
+        if self.cfg.sampling == 'grid':
+            offset = int(torch.randint(grid_period(ratio), (1,), generator=gen))
+            return grid_row_mask(num_rows, ratio, offset)
+        num_kept = min(num_rows, max(1, int(round(ratio * num_rows))))
+        mask = torch.zeros(num_rows, dtype=torch.bool)
+        mask[torch.randperm(num_rows, generator=gen)[:num_kept]] = True
+        return mask
+
+    def state_dict(self) -> dict:
+        return dict(seed=self.seed, step=self.step, keep_ratio=self.keep_ratio)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state['seed']), int(state['step'])
+        self.keep_ratio = float(state.get('keep_ratio', self.keep_ratio))
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class SBPIteration:
+    """The keep mask of one training forward, shared by all SBP layers in it.
+
+    Args:
+        base_mask (Tensor): bool mask over the rows of the base stride.
+        base_stride (int): stride (in input pixels) of the base mask.
+    """
+
+    _owners: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
+
+    def __init__(self, base_mask: Tensor, base_stride: int, keep_ratio: Optional[float] = None,
+                 sampling: Optional[str] = None) -> None:
+        self.base_mask = base_mask.to(torch.bool).cpu()
+        self.base_stride = int(base_stride)
+        self.keep_ratio = keep_ratio
+        self.sampling = sampling
+        self._rows: Dict[Tuple[int, int, str], Tensor] = {}
+        self._packs: Dict[int, Dict[int, Tuple[weakref.ref, weakref.ref, Tensor]]] = {}
+        self._feature_strides: Dict[int, Tuple[weakref.ref, int]] = {}
+
+    @classmethod
+    def sample(cls, sampler: RowMaskSampler, image_height: int, base_stride: int) -> 'SBPIteration':
+        return cls(sampler.sample(max(1, math.ceil(image_height / base_stride))), base_stride,
+                   sampler.keep_ratio, sampler.cfg.sampling)
+
+    def covers(self, stride: int) -> bool:
+        """Whether maps at ``stride`` get a mask (strides up to the base one)."""
+        return stride <= self.base_stride and self.base_stride % stride == 0
+
+    def kept_rows(self, stride: int, height: int, device: torch.device) -> Tensor:
+        """Sorted indices of the kept rows of a map of ``height`` at ``stride``."""
+        key = (stride, height, str(device))
+        rows = self._rows.get(key)
+        if rows is None:
+            if not self.covers(stride):
+                raise ValueError(f'stride {stride} is not covered by the SBP base mask at '
+                                 f'stride {self.base_stride}')
+            factor = self.base_stride // stride
+            base_row = (torch.arange(height) // factor).clamp_(max=len(self.base_mask) - 1)
+            rows = torch.nonzero(self.base_mask[base_row]).flatten().to(device)
+            self._rows[key] = rows
+        return rows
+
+    def kept_fraction(self, stride: int, height: int) -> float:
+        """Realised fraction of kept rows of a map of ``height`` at ``stride``."""
+        return len(self.kept_rows(stride, height, torch.device('cpu'))) / max(height, 1)
+
+    def pack(self, tensor: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """Rows ``rows`` of ``tensor``, stored once per feature map.
+
+        Returns ``(data, stored_rows)`` with ``data = tensor[:, :, stored_rows]``
+        and ``stored_rows`` a superset of ``rows``: when an SBP layer already
+        packed more rows of the same map (a block's input with its halo), the
+        next reader (the FPN lateral on the same stage output) shares that copy
+        instead of storing its rows again.
+        """
+        for key, (tensor_ref, data_ref, stored_rows) in self._packs.get(id(tensor), {}).items():
+            data = data_ref()
+            if tensor_ref() is tensor and data is not None and (
+                    stored_rows is rows or torch.isin(rows, stored_rows).all()):
+                return data, stored_rows
+        data = tensor.index_select(2, rows)
+        # The references are weak: the autograd nodes that save ``data`` own
+        # it, so it is freed with them after backward.
+        self._packs.setdefault(id(tensor), {})[id(rows)] = (
+            weakref.ref(tensor), weakref.ref(data), rows)
+        return data, rows
+
+    def set_feature_stride(self, tensor: Tensor, stride: int) -> None:
+        """Record that ``tensor`` (a backbone output) is at ``stride``.
+
+        A neck that receives ``tensor`` finds this iteration through
+        ``owner_of`` and uses the same mask.
+        """
+        self._feature_strides[id(tensor)] = (weakref.ref(tensor), stride)
+        owners = SBPIteration._owners
+        for key in [k for k, (t, _) in owners.items() if t() is None]:
+            del owners[key]
+        owners[id(tensor)] = (weakref.ref(tensor), weakref.ref(self))
+
+    @staticmethod
+    def owner_of(tensor: Tensor) -> Optional['SBPIteration']:
+        """The iteration whose SBP backbone produced ``tensor``, if any."""
+        hit = SBPIteration._owners.get(id(tensor))
+        return hit[1]() if hit is not None and hit[0]() is tensor else None
+
+    def feature_stride(self, tensor: Tensor) -> Optional[int]:
+        """The stride recorded for ``tensor`` in this iteration, if any."""
+        hit = self._feature_strides.get(id(tensor))
+        return hit[1] if hit is not None and hit[0]() is tensor else None

@@ -1,0 +1,52 @@
+"""The reference semantics of SBP, written with plain autograd.
+
+Each SBP unit behaves like ``where(keep, unit(x), unit(x).detach())`` with its
+conv output masked the same way (see ``sbp_mmdet/sbp/program.py``). This
+module builds that reference from ordinary module calls, for the tests.
+"""
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sbp_mmdet.sbp import SBPIteration, SBPProgram
+from sbp_mmdet.sbp.program import INPUT
+
+
+def row_mask(iteration: SBPIteration, stride: int, like: Tensor) -> Tensor:
+    rows = iteration.kept_rows(stride, like.shape[2], like.device)
+    mask = torch.zeros(like.shape[2], dtype=torch.bool, device=like.device)
+    mask[rows] = True
+    return mask[None, None, :, None]
+
+
+def masked(t: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, t, t.detach())
+
+
+def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
+                      stride: int) -> Tensor:
+    """Run ``program`` with plain autograd and per-unit keep masks."""
+    values: Dict[str, Tensor] = {INPUT: x}
+    strides = {INPUT: stride}
+    for unit in program.units:
+        strides[unit.name] = strides[unit.source] * unit.conv.stride[0]
+        z = unit.conv(values[unit.source])
+        keep = row_mask(iteration, strides[unit.name], z)
+        out = masked(z, keep)
+        if unit.norm is not None:
+            out = unit.norm(out)
+        if unit.residual is not None:
+            out = out + values[unit.residual]
+        if unit.relu:
+            out = F.relu(out)
+        values[unit.name] = masked(out, keep)
+    return values[program.output]
+
+
+def masking_hooks(iteration: SBPIteration, stride_of: Callable[[Tensor], int]):
+    """A forward hook that masks a module's output like an SBP unit output."""
+    def hook(module, args, output):
+        return masked(output, row_mask(iteration, stride_of(output), output))
+    return hook

@@ -1,0 +1,190 @@
+"""SBP units: exact forward, gradients equal to the reference, real memory saving."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sbp_mmdet.sbp import ConvUnit, SavedTensorMeter, SBPIteration, SBPProgram
+from sbp_reference import reference_program
+
+
+def _bn(channels, train):
+    norm = nn.BatchNorm2d(channels)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
+    norm.running_mean.uniform_(-0.2, 0.2)
+    norm.running_var.uniform_(0.5, 2.0)
+    return norm.train(train)
+
+
+def bottleneck(cin=16, mid=8, stride=2, train=True) -> nn.ModuleDict:
+    return nn.ModuleDict(dict(
+        conv1=nn.Conv2d(cin, mid, 1, bias=False), norm1=_bn(mid, train),
+        conv2=nn.Conv2d(mid, mid, 3, stride, 1, bias=False), norm2=_bn(mid, train),
+        conv3=nn.Conv2d(mid, mid * 4, 1, bias=False), norm3=_bn(mid * 4, train),
+        dconv=nn.Conv2d(cin, mid * 4, 1, stride, bias=False), dnorm=_bn(mid * 4, train)))
+
+
+def bottleneck_program(m) -> SBPProgram:
+    return SBPProgram([ConvUnit('conv1', 'input', m['conv1'], m['norm1'], relu=True),
+                       ConvUnit('conv2', 'conv1', m['conv2'], m['norm2'], relu=True),
+                       ConvUnit('down', 'input', m['dconv'], m['dnorm']),
+                       ConvUnit('conv3', 'conv2', m['conv3'], m['norm3'], relu=True,
+                                residual='down')])
+
+
+def basic_program(m) -> SBPProgram:
+    return SBPProgram([ConvUnit('conv1', 'input', m['conv1'], m['norm1'], relu=True),
+                       ConvUnit('conv2', 'conv1', m['conv2'], m['norm2'], relu=True,
+                                residual='input')])
+
+
+def basic(channels=8, train=True) -> nn.ModuleDict:
+    return nn.ModuleDict(dict(
+        conv1=nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm1=_bn(channels, train),
+        conv2=nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm2=_bn(channels, train)))
+
+
+def fpn_output(channels=8) -> nn.ModuleDict:
+    return nn.ModuleDict(dict(conv=nn.Conv2d(channels, channels, 3, 1, 1)))
+
+
+def fpn_program(m) -> SBPProgram:
+    return SBPProgram([ConvUnit('conv', 'input', m['conv'])])
+
+
+def iteration(mask):
+    return SBPIteration(torch.tensor(mask, dtype=torch.bool), base_stride=16)
+
+
+MASKS = {
+    'grid': [True, False] * 5,
+    'random': [True, True, False, True, False, False, False, True, True, False],
+    'all': [True] * 10,
+}
+
+
+def compare(build, program_of, x_shape, mask, stride=4, recompute=False, grad_scale='none'):
+    torch.manual_seed(0)
+    modules = build()
+    ref_modules = copy.deepcopy(modules)
+    it = iteration(mask)
+    x = torch.randn(*x_shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = program_of(modules)(x, it, stride, recompute=recompute, grad_scale=grad_scale)
+    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    return modules, ref_modules, x, x_ref, y, y_ref
+
+
+def assert_same(modules, ref_modules, x, x_ref, y, y_ref, param_scale=1.0):
+    assert torch.equal(y, y_ref) or torch.allclose(y, y_ref, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad * param_scale, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f'{name}: {m}')
+    for a, b in zip(modules.buffers(), ref_modules.buffers()):
+        torch.testing.assert_close(a, b)  # running statistics updated once, identically
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train_bn', 'eval_bn'])
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [32, 29, 3])
+def test_bottleneck_matches_the_reference(train, recompute, mask, height):
+    assert_same(*compare(lambda: bottleneck(train=train), bottleneck_program,
+                         (2, 16, height, 11), MASKS[mask], recompute=recompute))
+
+
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [16, 13, 1])
+def test_basic_block_with_3x3_input_conv_matches_the_reference(recompute, mask, height):
+    assert_same(*compare(basic, basic_program, (2, 8, height, 7), MASKS[mask],
+                         stride=8, recompute=recompute))
+
+
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+def test_conv_with_bias_and_no_norm_matches_the_reference(mask):
+    assert_same(*compare(fpn_output, fpn_program, (2, 8, 19, 9), MASKS[mask]))
+
+
+def test_full_mask_is_plain_backprop():
+    torch.manual_seed(0)
+    modules = bottleneck()
+    dense = copy.deepcopy(modules)
+    x = torch.randn(2, 16, 24, 10, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_()
+    y = bottleneck_program(modules)(x, iteration(MASKS['all']), 4)
+    m = dense
+    a = torch.relu(m['norm1'](m['conv1'](x_dense)))
+    a = torch.relu(m['norm2'](m['conv2'](a)))
+    y_dense = torch.relu(m['norm3'](m['conv3'](a)) + m['dnorm'](m['dconv'](x_dense)))
+    y.sum().backward()
+    y_dense.sum().backward()
+    assert_same(modules, dense, x, x_dense, y, y_dense)
+
+
+def test_no_kept_rows_gives_zero_gradients():
+    modules = bottleneck()
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    y = bottleneck_program(modules)(x, iteration([False] * 10), 4)
+    y.sum().backward()
+    assert x.grad.abs().sum() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in modules.parameters())
+
+
+def test_inverse_keep_scales_parameter_gradients_by_the_realised_ratio():
+    # all rows of the 16x? map at stride 8 follow the grid: ratio 0.5 exactly
+    out = compare(lambda: fpn_output(), fpn_program, (2, 8, 16, 9), MASKS['grid'],
+                  grad_scale='inverse_keep')
+    assert_same(*out, param_scale=2.0)
+
+
+def saved_bytes(program_of, modules, x, mask, stride=4, recompute=False):
+    meter = SavedTensorMeter(modules)
+    with meter.measure():
+        if mask is None:
+            m = modules
+            a = torch.relu(m['norm1'](m['conv1'](x)))
+            a = torch.relu(m['norm2'](m['conv2'](a)))
+            torch.relu(m['norm3'](m['conv3'](a)) + m['dnorm'](m['dconv'](x)))
+        else:
+            program_of(modules)(x, iteration(mask), stride, recompute=recompute)
+    return meter.total_bytes
+
+
+def test_saved_bytes_shrink_to_the_derived_bound():
+    """At keep 0.5 a bottleneck stores: its input and z1 (plus the 3x3 halo)
+    at kept rows of the input map, and z2, z3, the shortcut's z at kept rows of
+    the output map. Nothing else (no full-size tensor) may be saved."""
+    torch.manual_seed(0)
+    n, cin, mid, h, w = 2, 64, 16, 64, 32
+    modules = bottleneck(cin, mid, stride=2)
+    x = torch.randn(n, cin, h, w, requires_grad=True)
+    mask = MASKS['grid']
+    it = iteration(mask)
+    kept_in = len(it.kept_rows(4, h, x.device))
+    kept_out = len(it.kept_rows(8, h // 2, x.device))
+    halo_rows = kept_in + kept_out  # one extra input row above each kept output row pair
+    floats = (cin * kept_in + mid * min(h, halo_rows)) * w + (
+        mid + 4 * mid + 4 * mid) * kept_out * (w // 2)
+    bound = n * 4 * floats
+    sbp = saved_bytes(bottleneck_program, modules, x, mask)
+    dense = saved_bytes(bottleneck_program, modules, x, None)
+    assert sbp <= bound
+    assert sbp < 0.55 * dense
+    recomputed = saved_bytes(bottleneck_program, modules, x, mask, recompute=True)
+    assert recomputed <= n * 4 * (cin * kept_in + mid * min(h, halo_rows)) * w < sbp
+
+
+def test_eval_and_no_grad_are_not_affected():
+    from sbp_mmdet.sbp.program import _SBPFunction  # noqa: F401
+    modules = bottleneck()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        y = bottleneck_program(modules)(x, iteration(MASKS['grid']), 4)
+    assert y.grad_fn is None
