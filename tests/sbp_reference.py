@@ -15,7 +15,7 @@ from sbp_mmdet.sbp.program import INPUT
 
 
 def row_mask(iteration: SBPIteration, stride: int, like: Tensor) -> Tensor:
-    rows = iteration.kept_rows(stride, like.shape[2], like.device)
+    rows = iteration.kept_rows(stride, like.shape[2]).to(like.device)
     mask = torch.zeros(like.shape[2], dtype=torch.bool, device=like.device)
     mask[rows] = True
     return mask[None, None, :, None]

@@ -58,7 +58,7 @@ def test_finer_strides_replicate_the_base_mask(image_height):
     height = image_height
     for stride in (2, 4, 8, 16):
         height = (height + 1) // 2  # stride-2 convs round up
-        kept = set(it.kept_rows(stride, height, torch.device('cpu')).tolist())
+        kept = set(it.kept_rows(stride, height).tolist())
         for row in range(height):
             assert (row in kept) == bool(it.base_mask[min(row * stride // 16,
                                                           len(it.base_mask) - 1)])
@@ -68,7 +68,7 @@ def test_strides_coarser_than_the_base_are_not_covered():
     it = SBPIteration(torch.tensor([True, False]), base_stride=16)
     assert it.covers(8) and it.covers(16) and not it.covers(32)
     with pytest.raises(ValueError, match='not covered'):
-        it.kept_rows(32, 2, torch.device('cpu'))
+        it.kept_rows(32, 2)
 
 
 @pytest.mark.parametrize('cfg,error', [

@@ -167,8 +167,8 @@ def test_saved_bytes_shrink_to_the_derived_bound():
     x = torch.randn(n, cin, h, w, requires_grad=True)
     mask = MASKS['grid']
     it = iteration(mask)
-    kept_in = len(it.kept_rows(4, h, x.device))
-    kept_out = len(it.kept_rows(8, h // 2, x.device))
+    kept_in = len(it.kept_rows(4, h))
+    kept_out = len(it.kept_rows(8, h // 2))
     halo_rows = kept_in + kept_out  # one extra input row above each kept output row pair
     floats = (cin * kept_in + mid * min(h, halo_rows)) * w + (
         mid + 4 * mid + 4 * mid) * kept_out * (w // 2)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import SBPConfig
+from .rows import gather_rows
 
 
 def grid_row_mask(num_rows: int, keep_ratio: float, offset: int) -> Tensor:
@@ -99,7 +100,7 @@ class SBPIteration:
         self.base_stride = int(base_stride)
         self.keep_ratio = keep_ratio
         self.sampling = sampling
-        self._rows: Dict[Tuple[int, int, str], Tensor] = {}
+        self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._packs: Dict[int, Dict[int, Tuple[weakref.ref, weakref.ref, Tensor]]] = {}
         self._feature_strides: Dict[int, Tuple[weakref.ref, int]] = {}
 
@@ -112,9 +113,9 @@ class SBPIteration:
         """Whether maps at ``stride`` get a mask (strides up to the base one)."""
         return stride <= self.base_stride and self.base_stride % stride == 0
 
-    def kept_rows(self, stride: int, height: int, device: torch.device) -> Tensor:
-        """Sorted indices of the kept rows of a map of ``height`` at ``stride``."""
-        key = (stride, height, str(device))
+    def kept_rows(self, stride: int, height: int) -> Tensor:
+        """Sorted indices (on the CPU) of the kept rows of a map of ``height`` at ``stride``."""
+        key = (stride, height)
         rows = self._rows.get(key)
         if rows is None:
             if not self.covers(stride):
@@ -122,13 +123,13 @@ class SBPIteration:
                                  f'stride {self.base_stride}')
             factor = self.base_stride // stride
             base_row = (torch.arange(height) // factor).clamp_(max=len(self.base_mask) - 1)
-            rows = torch.nonzero(self.base_mask[base_row]).flatten().to(device)
+            rows = torch.nonzero(self.base_mask[base_row]).flatten()
             self._rows[key] = rows
         return rows
 
     def kept_fraction(self, stride: int, height: int) -> float:
         """Realised fraction of kept rows of a map of ``height`` at ``stride``."""
-        return len(self.kept_rows(stride, height, torch.device('cpu'))) / max(height, 1)
+        return len(self.kept_rows(stride, height)) / max(height, 1)
 
     def pack(self, tensor: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
         """Rows ``rows`` of ``tensor``, stored once per feature map.
@@ -144,7 +145,7 @@ class SBPIteration:
             if tensor_ref() is tensor and data is not None and (
                     stored_rows is rows or torch.isin(rows, stored_rows).all()):
                 return data, stored_rows
-        data = tensor.index_select(2, rows)
+        data = gather_rows(tensor, rows)
         # The references are weak: the autograd nodes that save ``data`` own
         # it, so it is freed with them after backward.
         self._packs.setdefault(id(tensor), {})[id(rows)] = (

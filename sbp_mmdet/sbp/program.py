@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .masks import SBPIteration
 from .norm import NormStats, norm_backward, norm_forward
-from .rows import Packed, RowGeometry, conv_rows, conv_rows_backward
+from .rows import Packed, RowGeometry, add_rows_, conv_rows, conv_rows_backward, gather_rows
 
 INPUT = 'input'
 
@@ -137,10 +137,10 @@ class _Run:
             self.strides[unit.name] = self.strides[unit.source] * unit.conv.stride[0]
         self.shape = x.shape
         self.needs_input_grad = x.requires_grad
-        self._plan(x.device)
+        self._plan()
         packed_input, self.input_rows = self.iteration.pack(x, self.input_rows)
         self.to_save = [packed_input] + [
-            convs[name].index_select(2, rows) for name, rows in self.stored_rows.items()]
+            gather_rows(convs[name], rows) for name, rows in self.stored_rows.items()]
         return values[self.program.output]
 
     def restore(self, tensors: Sequence[Tensor]) -> None:
@@ -149,10 +149,10 @@ class _Run:
         self.saved = {name: Packed(data, rows, self.heights[name]) for (name, rows), data in
                       zip(self.stored_rows.items(), tensors[1:])}
 
-    def _plan(self, device: torch.device) -> None:
+    def _plan(self) -> None:
         """Decide, per tensor, which rows backward reads."""
         units = self.program.units
-        self.kept = {name: self.iteration.kept_rows(self.strides[name], self.heights[name], device)
+        self.kept = {name: self.iteration.kept_rows(self.strides[name], self.heights[name])
                      for name in self.heights}
         halo_fed = {u.source for u in units if u.conv.kernel_size[0] > 1}
         value_rows: Dict[str, List[Tensor]] = {name: [] for name in self.heights}
@@ -188,8 +188,8 @@ class _Run:
                 source = self._value(unit.source, conv_out, self._source_rows(unit))
                 conv_out[unit.name] = Packed(conv_rows(unit.conv, source, self.conv_rows[unit.name]),
                                              self.conv_rows[unit.name], self.heights[unit.name])
-        grads: Dict[str, Tensor] = {self.program.output: grad_output.index_select(
-            2, self.kept[self.program.output])}
+        grads: Dict[str, Tensor] = {self.program.output: gather_rows(
+            grad_output, self.kept[self.program.output])}
         grad_input = grad_output.new_zeros(self.shape) if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(units):
@@ -251,7 +251,7 @@ class _Run:
         """
         if name == INPUT:
             if grad_input is not None:
-                grad_input.index_add_(2, rows, grad)
+                add_rows_(grad_input, rows, grad)
             return
         grad = Packed(grad, rows, self.heights[name]).take(self.kept[name])
         grads[name] = grad if name not in grads else grads[name] + grad
