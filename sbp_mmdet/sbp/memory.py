@@ -41,14 +41,20 @@ class SavedTensorMeter:
             self.by_component[self._active[-1]] += storage.nbytes()
         return tensor
 
+    def _enter(self, name: str) -> None:
+        self._active.append(name)
+
+    def _leave(self) -> None:
+        self._active.pop()
+
     @contextmanager
     def measure(self) -> Iterator['SavedTensorMeter']:
         """Count what is saved inside the ``with`` block."""
         handles = []
         for name, module in self.components.items():
             handles.append(module.register_forward_pre_hook(
-                lambda *_, name=name: self._active.append(name)))
-            handles.append(module.register_forward_hook(lambda *_: self._active.pop()))
+                lambda *_, name=name: self._enter(name)))
+            handles.append(module.register_forward_hook(lambda *_: self._leave()))
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 yield self

@@ -168,7 +168,9 @@ class _Run:
             wanted = value_rows[unit.name]
             if unit.norm is not None or unit.relu:
                 wanted = wanted + [self.kept[unit.name]]
-            rows = _union(wanted, self.kept[unit.name])
+            if not wanted:  # a plain conv read by nobody: backward needs only its input
+                continue
+            rows = _union(wanted[1:], wanted[0])
             self.conv_rows[unit.name] = rows
             if unit.residual is not None:
                 value_rows[unit.residual].append(rows)
@@ -184,7 +186,7 @@ class _Run:
         units = self.program.units
         conv_out = dict(self.saved)
         for unit in units:  # recompute what was not stored, in program order
-            if unit.name not in conv_out:
+            if unit.name not in conv_out and unit.name in self.conv_rows:
                 source = self._value(unit.source, conv_out, self._source_rows(unit))
                 conv_out[unit.name] = Packed(conv_rows(unit.conv, source, self.conv_rows[unit.name]),
                                              self.conv_rows[unit.name], self.heights[unit.name])

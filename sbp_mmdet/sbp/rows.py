@@ -9,9 +9,8 @@ out of the input together with the ``k - 1`` halo rows its kernel needs, and
 all bands of one length go through the ordinary convolution kernels as one
 batch. Kernels of height 1 need no bands.
 
-Row indices live on the CPU. Rows are moved as contiguous slices (one copy
-per run of consecutive rows), which is several times faster than
-``index_select``/``index_add_`` along the height axis.
+Row indices live on the CPU; rows move with one indexing op per tensor (few
+large ops: on a busy CPU each op pays a thread-pool synchronisation).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -20,42 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Runs = List[Tuple[int, int, int]]  # (position in source, position in result, length)
-
-
-def runs_of(positions: Tensor) -> Runs:
-    """Decompose ``positions`` into runs of consecutive values."""
-    values = positions.tolist()
-    runs: Runs = []
-    for out, value in enumerate(values):
-        if runs and value == runs[-1][0] + runs[-1][2]:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((value, out, 1))
-    return runs
-
-
 def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
-    """``data[:, :, positions]`` copied run by run."""
-    if len(positions) == 0:
-        return data[:, :, :0]
+    """``data[:, :, positions]`` (one indexing op; ``data`` itself for all rows)."""
     if len(positions) == data.shape[2] and bool((positions == torch.arange(len(positions))).all()):
         return data
-    runs = runs_of(positions)
-    if len(runs) > max(16, len(positions) // 4):
-        return data[:, :, positions.to(data.device)]
-    return torch.cat([data[:, :, src:src + n] for src, _, n in runs], dim=2)
+    return data[:, :, positions.to(data.device)]
 
 
 def add_rows_(out: Tensor, positions: Tensor, src: Tensor) -> Tensor:
-    """``out[:, :, positions] += src`` (repeated positions accumulate)."""
-    runs = runs_of(positions)
-    if len(runs) > max(16, len(positions) // 4) and len(torch.unique(positions)) == len(positions):
-        out[:, :, positions.to(out.device)] += src
-        return out
-    for dst, start, n in runs:
-        out[:, :, dst:dst + n] += src[:, :, start:start + n]
-    return out
+    """``out[:, :, positions] += src``; repeated positions accumulate."""
+    return out.index_add_(2, positions.to(out.device), src)
 
 
 @dataclass(frozen=True)
@@ -77,16 +50,7 @@ class Packed:
         """Values at absolute ``rows``; rows absent or outside the map are zero."""
         if rows is self.rows or (len(rows) == len(self.rows) and torch.equal(rows, self.rows)):
             return self.data
-        pos = self.positions(rows)
-        present = pos >= 0
-        if bool(present.all()):
-            return gather_rows(self.data, pos)
-        n, c, _, w = self.data.shape
-        out = self.data.new_zeros(n, c, len(rows), w)
-        where = torch.nonzero(present).flatten()
-        if len(where):
-            out[:, :, where.to(out.device)] = gather_rows(self.data, pos[present])
-        return out
+        return _gather_or_zero(self.data, self.positions(rows))
 
 
 @dataclass(frozen=True)
@@ -130,30 +94,42 @@ class RowGeometry:
         return groups
 
 
+def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
+    """``data[:, :, positions]`` with zero rows where ``positions`` is -1."""
+    if len(data.shape) and data.shape[2] == 0:
+        n, c, _, w = data.shape
+        return data.new_zeros(n, c, len(positions), w)
+    out = gather_rows(data, positions.clamp(min=0))
+    absent = torch.nonzero(positions < 0).flatten()
+    if len(absent):
+        out.index_fill_(2, absent.to(out.device), 0)
+    return out
+
+
+def _band_positions(src: Packed, first_in: Tensor, length: int) -> Tensor:
+    """Positions in ``src`` of the rows of each band, band-major; -1 outside."""
+    return src.positions((first_in[:, None] + torch.arange(length)).flatten())
+
+
 def _band_batch(src: Packed, first_in: Tensor, length: int) -> Tensor:
     """Input bands of ``length`` rows starting at absolute rows ``first_in``
     as an ``(N * nb, C, length, W)`` batch (zeros outside the map)."""
     n, c, _, w = src.data.shape
-    pieces = []
-    for start in first_in.tolist():
-        lo, hi = max(start, 0), min(start + length, src.height)
-        pos = int(src.positions(torch.tensor([lo]))[0])
-        piece = src.data[:, :, pos:pos + hi - lo]
-        if lo > start or hi < start + length:
-            piece = F.pad(piece, (0, 0, lo - start, start + length - hi))
-        pieces.append(piece)
-    return torch.stack(pieces, dim=1).reshape(n * len(pieces), c, length, w)
+    rows = _gather_or_zero(src.data, _band_positions(src, first_in, length))
+    return rows.view(n, c, len(first_in), length, w).transpose(1, 2).reshape(
+        n * len(first_in), c, length, w)
 
 
 def _scatter_bands_(grad: Packed, first_in: Tensor, bands: Tensor) -> None:
     """Add ``(N * nb, C, length, W)`` band gradients into the packed ``grad``."""
-    n = grad.data.shape[0]
-    length = bands.shape[2]
-    bands = bands.view(n, -1, *bands.shape[1:])
-    for j, start in enumerate(first_in.tolist()):
-        lo, hi = max(start, 0), min(start + length, grad.height)
-        pos = int(grad.positions(torch.tensor([lo]))[0])
-        grad.data[:, :, pos:pos + hi - lo] += bands[:, j, :, lo - start:hi - start]
+    n, c, length, w = grad.data.shape[0], bands.shape[1], bands.shape[2], bands.shape[3]
+    rows = bands.view(n, -1, c, length, w).transpose(1, 2).reshape(n, c, -1, w)
+    positions = _band_positions(grad, first_in, length)
+    inside = positions >= 0
+    if not bool(inside.all()):
+        keep = torch.nonzero(inside).flatten()
+        rows, positions = rows[:, :, keep.to(rows.device)], positions[keep]
+    add_rows_(grad.data, positions, rows)
 
 
 def _unband(data: Tensor, n: int) -> Tensor:
