@@ -226,7 +226,8 @@ class _Run:
         if grad is None or len(kept) == 0:
             return [None, None, None, None]
         if unit.relu:
-            grad = grad * (self._value(unit.name, conv_out, kept).data > 0)
+            grad = torch.ops.aten.threshold_backward(
+                grad, self._value(unit.name, conv_out, kept).data, 0)
         if unit.residual is not None:
             self._accumulate(unit.residual, kept, grad, grads, grad_input)
         norm_w = norm_b = None

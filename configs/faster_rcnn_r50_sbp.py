@@ -1,0 +1,9 @@
+# Faster R-CNN R50-FPN 1x COCO with Stochastic Backpropagation in the backbone
+# (stages 2-3; stage 1 is frozen, stage 4 stays dense) and the neck.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(type='ResNetSBP', sbp=dict(keep_ratio=0.5, sampling='grid')),
+    neck=dict(type='FPNSBP'))

@@ -1,0 +1,185 @@
+"""Building blocks of the SBP benchmarks: variants, synthetic batches, one measured run."""
+import copy
+from contextlib import nullcontext
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.config import Config
+
+from .sbp import SavedTensorMeter
+
+SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN'}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to train the same detector.
+
+    Args:
+        name: label in tables, e.g. ``'sbp@0.5+recompute'``.
+        keep_ratio: SBP keep ratio, or None for the dense modules.
+        with_cp: mmdet's gradient checkpointing in the backbone.
+        recompute: SBP's recompute switch.
+        amp: bf16/fp16 autocast (CUDA only).
+    """
+
+    name: str
+    keep_ratio: Optional[float] = None
+    with_cp: bool = False
+    recompute: bool = False
+    amp: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> 'Variant':
+        """``dense``, ``with_cp``, ``amp``, ``sbp@R`` with ``+cp``/``+recompute``/``+amp``."""
+        head, *flags = name.split('+')
+        unknown = set(flags) - {'cp', 'recompute', 'amp'}
+        if unknown:
+            raise ValueError(f'unknown variant flag(s) {sorted(unknown)} in {name!r}')
+        keep = None
+        if head.startswith('sbp@'):
+            keep = float(head[4:])
+        elif head == 'with_cp':
+            flags.append('cp')
+        elif head == 'amp':
+            flags.append('amp')
+        elif head != 'dense':
+            raise ValueError(f'unknown variant {name!r}: use dense, with_cp, amp or sbp@R[+cp]'
+                             '[+recompute][+amp]')
+        return cls(name, keep, 'cp' in flags, 'recompute' in flags, 'amp' in flags)
+
+    def apply(self, model_cfg: dict) -> dict:
+        """A copy of ``model_cfg`` (with SBP modules) turned into this variant."""
+        cfg = copy.deepcopy(model_cfg)
+        for part in ('backbone', 'neck'):
+            sub = cfg.get(part)
+            if not isinstance(sub, dict):
+                continue
+            if self.keep_ratio is None:
+                if sub.get('type') in SBP_TYPES:
+                    sub['type'] = SBP_TYPES[sub['type']]
+                    sub.pop('sbp', None)
+            elif part == 'backbone':
+                sub['sbp'] = dict(sub.get('sbp') or {}, keep_ratio=self.keep_ratio,
+                                  recompute=self.recompute)
+            if part == 'backbone':
+                sub['with_cp'] = self.with_cp
+                sub['init_cfg'] = None  # random init: no weights are downloaded
+        return cfg
+
+
+@dataclass
+class Measurement:
+    """What one variant measured."""
+
+    variant: str
+    saved_mib: float
+    saved_by_component_mib: Dict[str, float]
+    forward_s: List[float] = field(default_factory=list)
+    backward_s: List[float] = field(default_factory=list)
+    step_s: List[float] = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    peak_kind: str = ''
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        for key in ('forward_s', 'backward_s', 'step_s'):
+            values = out.pop(key)
+            out[key.replace('_s', '_median_s')] = statistics.median(values) if values else None
+            out[key.replace('_s', '_spread_s')] = (max(values) - min(values)) if values else None
+        return out
+
+
+def detector_batch(model, batch_size: int, height: int, width: int, num_classes: int,
+                   seed: int = 0) -> dict:
+    """A preprocessed synthetic batch (random images and boxes) for ``model``."""
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(seed)
+    packed = demo_mm_inputs(batch_size=batch_size, image_shapes=[(3, height, width)] * batch_size,
+                            num_items=[8] * batch_size, num_classes=num_classes)
+    return model.data_preprocessor(packed, True)
+
+
+def model_components(model) -> Dict[str, torch.nn.Module]:
+    names = ('backbone', 'neck', 'rpn_head', 'roi_head', 'bbox_head')
+    return {n: getattr(model, n) for n in names if isinstance(getattr(model, n, None),
+                                                                torch.nn.Module)}
+
+
+def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
+                    steps: int, warmup: int, device: str, seed: int = 0,
+                    on_step=None) -> Measurement:
+    """Build the detector as ``variant`` and measure saved bytes and step times."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    torch.manual_seed(seed)
+    model = MODELS.build(variant.apply(config.model)).to(device)
+    model.init_weights()
+    model.train()
+    num_classes = _num_classes(config.model)
+    data = detector_batch(model, batch_size, height, width, num_classes, seed)
+    data = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.items()}
+    data['data_samples'] = [s.to(device) for s in data['data_samples']]
+    autocast = torch.autocast(device, dtype=torch.float16) if variant.amp else nullcontext()
+
+    meter = SavedTensorMeter(model, model_components(model))
+    with meter.measure(), autocast:
+        losses = model(**data, mode='loss')
+    del losses
+    result = Measurement(variant.name, meter.mebibytes,
+                         {k: v / 2**20 for k, v in meter.by_component.items()})
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(warmup + steps):
+        model.zero_grad(set_to_none=True)
+        t0 = _now(device)
+        with autocast:
+            losses = model(**data, mode='loss')
+        loss = sum(v.sum() for k, v in _flat_losses(losses) if 'loss' in k)
+        t1 = _now(device)
+        loss.backward()
+        t2 = _now(device)
+        if step >= warmup:
+            result.forward_s.append(t1 - t0)
+            result.backward_s.append(t2 - t1)
+            result.step_s.append(t2 - t0)
+        if on_step is not None:
+            on_step()
+    if device.startswith('cuda'):
+        result.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        result.peak_kind = 'torch.cuda.max_memory_allocated'
+    else:
+        result.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.peak_kind = 'process max RSS (this variant in its own process)'
+    return result
+
+
+def _flat_losses(losses: dict):
+    for key, value in losses.items():
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                yield key, v
+        else:
+            yield key, value
+
+
+def _num_classes(model_cfg) -> int:
+    for head in ('roi_head', 'bbox_head'):
+        sub = model_cfg.get(head)
+        if head == 'roi_head' and sub is not None:
+            return sub['bbox_head']['num_classes']
+        if sub is not None:
+            return sub['num_classes']
+    return 80
+
+
+def _now(device: str) -> float:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+

@@ -1,0 +1,4 @@
+from .backbones import ResNetSBP
+from .necks import FPNSBP
+
+__all__ = ['ResNetSBP', 'FPNSBP']

@@ -1,0 +1,3 @@
+from .resnet_sbp import ResNetSBP, SBPBasicBlock, SBPBottleneck
+
+__all__ = ['ResNetSBP', 'SBPBasicBlock', 'SBPBottleneck']

@@ -1,0 +1,3 @@
+from .fpn_sbp import FPNSBP, SBPConvModule
+
+__all__ = ['FPNSBP', 'SBPConvModule']

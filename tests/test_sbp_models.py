@@ -1,0 +1,248 @@
+"""ResNetSBP and FPNSBP: drop-in, exact forward, reference gradients, less memory."""
+import copy
+import math
+
+import pytest
+import torch
+from mmdet.models.backbones import ResNet
+from mmdet.models.necks import FPN
+from mmengine.config import Config
+from mmengine.hub import get_config
+
+import sbp_mmdet  # noqa: F401
+from sbp_mmdet.models import FPNSBP, ResNetSBP
+from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration
+from sbp_reference import masking_hooks
+
+STRIDES = (4, 8, 16, 32)
+
+
+def stride_from_height(image_height):
+    def stride_of(output):
+        for s in STRIDES:
+            if math.ceil(image_height / s) == output.shape[2]:
+                return s
+        raise AssertionError(f'no stride gives height {output.shape[2]}')
+    return stride_of
+
+
+def add_reference_hooks(modules, iteration, image_height):
+    """Mask the units of ``modules`` (blocks or conv modules) like SBP defines them."""
+    hook = masking_hooks(iteration, stride_from_height(image_height))
+    handles = []
+    for module in modules:
+        for child in module.modules():
+            if isinstance(child, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or child is module:
+                handles.append(child.register_forward_hook(hook))
+    return handles
+
+
+def enabled_blocks(resnet, switches):
+    return [getattr(resnet, layer)[j] for layer, stage in zip(resnet.res_layers, switches)
+            for j, enabled in enumerate(stage) if enabled]
+
+
+def assert_grad_close(grad, ref, name):
+    """fp32 gradients summed over many positions: compare relative to their scale."""
+    scale = ref.abs().max().item() + 1e-12
+    torch.testing.assert_close(grad, ref, atol=1e-4 * scale, rtol=1e-3,
+                               msg=lambda m: f'{name}: {m}')
+
+
+def resnet_pair(depth, **kwargs):
+    torch.manual_seed(0)
+    sbp = ResNetSBP(depth=depth, sbp=kwargs.pop('sbp', None), **kwargs)
+    for m in sbp.modules():  # non-trivial BN so that gradients are informative
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    dense = ResNet(depth=depth, **kwargs)
+    dense.load_state_dict(sbp.state_dict())
+    sbp.train()  # mmdet's ResNet.train returns None
+    dense.train()
+    return sbp, dense
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+@pytest.mark.parametrize('norm_eval', [False, True])
+@pytest.mark.parametrize('size', [(64, 96), (61, 45), (33, 40)])
+def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(depth, norm_eval,
+                                                                           size):
+    sbp, dense = resnet_pair(depth, norm_eval=norm_eval, frozen_stages=-1,
+                             sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0)))
+    x = torch.rand(2, 3, *size)
+    outs = sbp(x)
+    iteration = sbp.sbp_iteration
+    assert iteration is not None
+    add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, x.shape[2])
+    ref_outs = dense(x)
+    grads = [torch.randn_like(o) for o in outs]
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    for o, r in zip(outs, ref_outs):
+        torch.testing.assert_close(o, r)
+    for (name, p), (_, q) in zip(sbp.named_parameters(), dense.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+        else:
+            assert_grad_close(p.grad, q.grad, name)
+
+
+def test_r_equal_one_and_eval_mode_are_plain_resnet():
+    sbp, dense = resnet_pair(18, frozen_stages=-1, norm_eval=True, sbp=dict(keep_ratio=1.0))
+    x = torch.rand(2, 3, 64, 64)
+    assert not sbp.sbp_active()
+    for a, b in zip(sbp(x), dense(x)):
+        assert torch.equal(a, b)
+    sbp, dense = resnet_pair(50, sbp=dict(keep_ratio=0.5))
+    sbp.eval()
+    dense.eval()
+    assert not sbp.sbp_active()
+    with torch.no_grad():
+        for a, b in zip(sbp(x), dense(x)):
+            assert torch.equal(a, b)
+    sbp.train()
+    with torch.no_grad():
+        assert not sbp.sbp_active()
+
+
+def test_state_dicts_are_interchangeable():
+    torch.manual_seed(0)
+    dense = ResNet(depth=50)
+    sbp = ResNetSBP(depth=50)
+    sbp.load_state_dict(dense.state_dict(), strict=True)
+    dense.load_state_dict(sbp.state_dict(), strict=True)
+    fpn = FPN(in_channels=[256, 512, 1024, 2048], out_channels=64, num_outs=5)
+    fpn_sbp = FPNSBP(in_channels=[256, 512, 1024, 2048], out_channels=64, num_outs=5)
+    fpn_sbp.load_state_dict(fpn.state_dict(), strict=True)
+    fpn.load_state_dict(fpn_sbp.state_dict(), strict=True)
+
+
+def test_default_stages_follow_the_paper_and_skip_frozen_stages():
+    assert ResNetSBP(depth=50, frozen_stages=1).sbp_blocks == [[False] * 3, [True] * 4,
+                                                               [True] * 6, [False] * 3]
+    assert ResNetSBP(depth=18, frozen_stages=-1).sbp_blocks == [[True] * 2] * 3 + [[False] * 2]
+
+
+@pytest.mark.parametrize('kwargs,error', [
+    (dict(frozen_stages=1, sbp=dict(stages=(1, 1, 0, 0))), 'SBP asked on frozen stage\\(s\\) \\[0\\]'),
+    (dict(sbp=dict(stages=(1, 1))), 'sbp.stages must have 4 entries'),
+    (dict(sbp=dict(blocks=[[1], [1], [1], [1]])), 'sbp.blocks must have 4 lists of lengths'),
+    (dict(sbp=dict(stages=(0, 1, 1, 0), blocks=[[0] * 3] * 4)), 'not both'),
+    (dict(sbp=dict(keep_ratio=0)), 'keep_ratio must be in'),
+    (dict(sbp=dict(sampling='diag')), 'sampling must be one of'),
+    (dict(sbp=dict(keep_rate=0.5)), "unknown key\\(s\\) \\['keep_rate'\\]"),
+    (dict(avg_down=True), 'avg_down=True'),
+    (dict(norm_cfg=dict(type='GN', num_groups=8)), 'BatchNorm'),
+    (dict(dcn=dict(type='DCN', deform_groups=1), stage_with_dcn=(False, True, False, False)),
+     'DCN'),
+])
+def test_bad_backbone_configs_are_refused_clearly(kwargs, error):
+    with pytest.raises((ValueError, TypeError, KeyError), match=error):
+        ResNetSBP(depth=50, **kwargs)
+
+
+@pytest.mark.parametrize('config', ['configs/faster_rcnn_r50_sbp.py',
+                                    'configs/retinanet_r50_sbp.py'])
+def test_configs_build(config):
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile(config)
+    model = MODELS.build(cfg.model)
+    assert isinstance(model.backbone, ResNetSBP) and isinstance(model.neck, FPNSBP)
+    assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
+
+
+def small_faster_rcnn_cfg(sbp: bool, keep_ratio: float = 0.5) -> dict:
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
+    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
+    cfg.neck.update(in_channels=[64, 128, 256, 512], out_channels=32)
+    cfg.rpn_head.update(in_channels=32, feat_channels=32)
+    cfg.roi_head.bbox_roi_extractor.update(out_channels=32)
+    cfg.roi_head.bbox_head.update(in_channels=32, fc_out_channels=64, num_classes=3)
+    if sbp:
+        cfg.backbone.update(type='ResNetSBP', sbp=dict(keep_ratio=keep_ratio, sampling='random'))
+        cfg.neck.type = 'FPNSBP'
+    return cfg
+
+
+def build_detector(cfg, seed=0):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    model.train()
+    return model
+
+
+def total_loss(model, data, seed=1):
+    torch.manual_seed(seed)  # the RPN/RoI samplers draw from the global generator
+    losses = model(**data, mode='loss')
+    return sum(v.sum() if torch.is_tensor(v) else sum(x.sum() for x in v)
+               for k, v in losses.items() if 'loss' in k)
+
+
+@pytest.mark.parametrize('size', [(96, 128), (80, 72)])
+def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(size):
+    from sbp_mmdet.benchmark import detector_batch
+    sbp_model = build_detector(small_faster_rcnn_cfg(True))
+    dense = build_detector(small_faster_rcnn_cfg(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = detector_batch(sbp_model, 2, *size, num_classes=3)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    assert iteration.base_stride == 16
+    height = data['inputs'].shape[2]
+    units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+    for i, stride in enumerate((4, 8, 16, 32)):
+        if iteration.covers(stride):
+            units += [dense.neck.lateral_convs[i], dense.neck.fpn_convs[i]]
+    add_reference_hooks(units, iteration, height)
+    ref_loss = total_loss(dense, data)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    for (name, p), (_, q) in zip(sbp_model.named_parameters(), dense.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+        else:
+            assert_grad_close(p.grad, q.grad, name)
+
+
+def test_faster_rcnn_config_saves_much_less_for_backward():
+    """configs/faster_rcnn_r50_sbp.py: backbone stages 2-3 and P2-P4 at keep 0.5
+    store about half of their activations (the 3x3 halo and the dense stage 4
+    and P5 keep the ratio above 0.5); keep 0.25 and recompute store less."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from sbp_mmdet.benchmark import Variant, detector_batch
+    register_all_modules()
+    cfg = Config.fromfile('configs/faster_rcnn_r50_sbp.py')
+    saved = {}
+    for name in ('dense', 'sbp@0.5', 'sbp@0.25', 'sbp@0.5+recompute'):
+        torch.manual_seed(0)
+        model = MODELS.build(Variant.parse(name).apply(cfg.model))
+        model.train()
+        data = detector_batch(model, 2, 256, 384, num_classes=80)
+        meter = SavedTensorMeter(model, {'backbone': model.backbone, 'neck': model.neck})
+        with meter.measure():
+            total_loss(model, data)
+        saved[name] = meter.by_component['backbone'] + meter.by_component['neck']
+    assert saved['sbp@0.5'] < 0.6 * saved['dense']
+    assert saved['sbp@0.25'] < saved['sbp@0.5']
+    assert saved['sbp@0.5+recompute'] < 0.8 * saved['sbp@0.5']
+
+
+def test_neck_follows_the_backbone_mask():
+    from sbp_mmdet.benchmark import detector_batch
+    model = build_detector(small_faster_rcnn_cfg(True))
+    data = detector_batch(model, 2, 96, 128, num_classes=3)
+    feats = model.backbone(data['inputs'])
+    assert SBPIteration.owner_of(feats[0]) is model.backbone.sbp_iteration
+    neck = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
+                  sbp=dict(keep_ratio=0.25))
+    neck.train()
+    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
+        neck(feats)

@@ -1,0 +1,178 @@
+"""Memory and speed of a detector config: dense vs SBP vs the alternatives.
+
+Each variant runs in its own process (so the CPU peak RSS is its own), on the
+same synthetic batch and random init, and reports the bytes saved for
+backward (device independent, split by component), peak memory and the
+median forward/backward/step time over ``--steps`` steps after warm-up.
+
+Example::
+
+    python tools/analysis_tools/benchmark_sbp.py configs/faster_rcnn_r50_sbp.py \
+        --size 800 1344 --steps 5 --out-dir outputs/benchmark_frcnn
+"""
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from typing import List
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
+
+CPU_VARIANTS = ['dense', 'sbp@0.25', 'sbp@0.5', 'sbp@0.75', 'with_cp', 'sbp@0.5+cp',
+                'sbp@0.5+recompute']
+CUDA_EXTRA = ['amp', 'sbp@0.5+amp']
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='detector config (with ResNetSBP/FPNSBP)')
+    parser.add_argument('--variants', nargs='+', default=None,
+                        help='dense, with_cp, amp, sbp@R[+cp][+recompute][+amp]; '
+                        f'default: {" ".join(CPU_VARIANTS)} (+ {" ".join(CUDA_EXTRA)} on CUDA)')
+    parser.add_argument('--size', nargs=2, type=int, default=[800, 1344], metavar=('H', 'W'))
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per variant')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--out-dir', default='outputs/benchmark_sbp')
+    parser.add_argument('--no-plot', action='store_true')
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or min(args.size) < 32:
+        parser.error('need --steps >= 1, --warmup >= 0, --batch-size >= 1 and --size >= 32')
+    return args
+
+
+def _run_variant(args, name, queue):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
+    from mmengine.config import Config
+
+    from sbp_mmdet.benchmark import Variant, measure_variant
+    cfg = Config.fromfile(args.config)
+    result = measure_variant(cfg, Variant.parse(name), args.batch_size, args.size[0],
+                             args.size[1], args.steps, args.warmup, args.device,
+                             on_step=lambda: queue.put('step'))
+    queue.put(result.summary())
+
+
+def run_all(args) -> List[dict]:
+    from mmengine.utils import ProgressBar
+
+    from sbp_mmdet.benchmark import Variant
+    names = args.variants or CPU_VARIANTS + (CUDA_EXTRA if args.device.startswith('cuda')
+                                             else [])
+    for name in names:
+        if Variant.parse(name).amp and not args.device.startswith('cuda'):
+            raise SystemExit(f'variant {name!r} needs CUDA (fp16 autocast); device is '
+                             f'{args.device}')
+    ctx = mp.get_context('spawn')
+    bar = ProgressBar(len(names) * (args.steps + args.warmup))
+    rows = []
+    for name in names:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run_variant, args=(args, name, queue))
+        proc.start()
+        while True:
+            item = queue.get()
+            if item == 'step':
+                bar.update()
+            else:
+                rows.append(item)
+                break
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f'variant {name} failed (exit code {proc.exitcode})')
+    sys.stdout.write('\n')
+    dense = next((r for r in rows if r['variant'] == 'dense'), None)
+    for row in rows:
+        for key in ('saved_mib', 'backward_median_s', 'step_median_s', 'peak_mib'):
+            ref = dense and dense[key]
+            row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = (
+                row[key] / ref if ref else None)
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    components = sorted({c for r in rows for c in r['saved_by_component_mib']})
+    head = (['variant', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
+            + ['peak MiB', 'fwd s', 'bwd s', 'bwd vs dense', 'step s', 'step vs dense'])
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        cells = [r['variant'], f"{r['saved_mib']:.0f}", _ratio(r['saved_vs_dense'])]
+        cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
+        cells += [f"{r['peak_mib']:.0f}", f"{r['forward_median_s']:.3f}",
+                  f"{r['backward_median_s']:.3f}", _ratio(r['backward_vs_dense']),
+                  f"{r['step_median_s']:.3f}", _ratio(r['step_vs_dense'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def _ratio(value) -> str:
+    return '-' if value is None else f'{value:.2f}x'
+
+
+def write_outputs(args, rows: List[dict], table: str) -> None:
+    os.makedirs(args.out_dir, exist_ok=True)
+    meta = dict(config=args.config, size=args.size, batch_size=args.batch_size,
+                steps=args.steps, warmup=args.warmup, device=args.device,
+                device_name=(torch.cuda.get_device_name() if args.device.startswith('cuda')
+                             else platform.processor() or platform.machine()),
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                date=time.strftime('%Y-%m-%d'))
+    with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
+    with open(os.path.join(args.out_dir, 'results.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+    with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
+        f.write(f"{meta['config']}, batch {meta['batch_size']} x {meta['size'][0]}x"
+                f"{meta['size'][1]}, {meta['device']} ({meta['device_name']}, "
+                f"{meta['threads']} threads), torch {meta['torch']}, {meta['date']}\n\n")
+        f.write(table + '\n')
+    if not args.no_plot:
+        plot(rows, os.path.join(args.out_dir, 'sbp_vs_keep_ratio.png'))
+
+
+def plot(rows: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    sbp = sorted((float(r['variant'][4:]), r) for r in rows
+                 if r['variant'].startswith('sbp@') and '+' not in r['variant'])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], 'saved_mib', 'saved for backward (MiB)'),
+                           (axes[1], 'backward_median_s', 'backward time (s)')):
+        ax.plot([k for k, _ in sbp], [r[key] for _, r in sbp], 'o-', label='SBP')
+        for r in rows:
+            if not r['variant'].startswith('sbp@') or '+' in r['variant']:
+                ax.axhline(r[key], linestyle='--', linewidth=1, label=r['variant'],
+                           color=f"C{1 + rows.index(r) % 9}")
+        ax.set_xlabel('keep ratio')
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = run_all(args)
+    table = format_table(rows)
+    print(table)
+    write_outputs(args, rows, table)
+    print(f'wrote {args.out_dir}/results.json, results.csv, table.md'
+          + ('' if args.no_plot else ', sbp_vs_keep_ratio.png'))
+
+
+if __name__ == '__main__':
+    main()
