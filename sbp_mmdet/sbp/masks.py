@@ -109,6 +109,11 @@ class SBPIteration:
         return cls(sampler.sample(max(1, math.ceil(image_height / base_stride))), base_stride,
                    sampler.keep_ratio, sampler.cfg.sampling)
 
+    @classmethod
+    def dense(cls, base_stride: int) -> 'SBPIteration':
+        """An iteration that keeps everything (SBP off, e.g. in a dense warm-up)."""
+        return cls(torch.ones(1, dtype=torch.bool), base_stride, 1.0)
+
     def covers(self, stride: int) -> bool:
         """Whether maps at ``stride`` get a mask (strides up to the base one)."""
         return stride <= self.base_stride and self.base_stride % stride == 0
@@ -130,6 +135,13 @@ class SBPIteration:
     def kept_fraction(self, stride: int, height: int) -> float:
         """Realised fraction of kept rows of a map of ``height`` at ``stride``."""
         return len(self.kept_rows(stride, height)) / max(height, 1)
+
+    def kept_fractions(self) -> Dict[int, float]:
+        """Realised kept fraction per stride of the maps SBP used so far."""
+        fractions: Dict[int, float] = {}
+        for (stride, height), rows in self._rows.items():
+            fractions[stride] = len(rows) / max(height, 1)
+        return fractions
 
     def pack(self, tensor: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
         """Rows ``rows`` of ``tensor``, stored once per feature map.

@@ -177,14 +177,26 @@ class ResNetSBP(ResNet):
             strides.append(stride)
         return strides
 
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio in force (a schedule may change it during training)."""
+        return self.mask_sampler.keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
+
     def sbp_active(self) -> bool:
         """Whether the next forward uses SBP."""
-        return (self.training and torch.is_grad_enabled() and self.sbp_cfg.keep_ratio < 1.0
+        return (self.training and torch.is_grad_enabled() and self.keep_ratio < 1.0
                 and any(any(s) for s in self.sbp_blocks))
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         if not self.sbp_active():
-            return super().forward(x)
+            outs = super().forward(x)
+            if self.training and torch.is_grad_enabled():  # tell an SBP neck: dense this time
+                self._publish(outs, SBPIteration.dense(self.sbp_base_stride))
+            return outs
         iteration = SBPIteration.sample(self.mask_sampler, x.shape[2], self.sbp_base_stride)
         assignments = []
         in_stride = STEM_STRIDE
@@ -198,7 +210,11 @@ class ResNetSBP(ResNet):
             in_stride = self.stage_strides[i]
         with sbp_states(assignments):
             outs = super().forward(x)
+        self._publish(outs, iteration)
+        return outs
+
+    def _publish(self, outs: Tuple[Tensor, ...], iteration: SBPIteration) -> None:
+        """Record the iteration and the outputs' strides for the neck and hooks."""
         for out, i in zip(outs, sorted(self.out_indices)):
             iteration.set_feature_stride(out, self.stage_strides[i])
         self.sbp_iteration = iteration
-        return outs

@@ -79,6 +79,15 @@ class FPNSBP(FPN):
             SBPConvModule.adopt(module, f'FPNSBP.fpn_convs.{i}')
         self.mask_sampler = RowMaskSampler(self.sbp_cfg)
 
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio of the neck's own mask (used behind a dense backbone)."""
+        return self.mask_sampler.keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
+
     def sbp_active(self) -> bool:
         return self.training and torch.is_grad_enabled()
 
@@ -94,6 +103,8 @@ class FPNSBP(FPN):
     def _iteration(self, inputs: Sequence[Tensor]) -> Tuple[Optional[SBPIteration], List[int]]:
         """The backbone's iteration if it produced ``inputs``, else a new one."""
         upstream = SBPIteration.owner_of(inputs[0])
+        if upstream is not None and upstream.keep_ratio >= 1.0:
+            return None, []
         if upstream is not None:
             strides = [upstream.feature_stride(t) for t in inputs]
             if any(s is None for s in strides):
@@ -105,18 +116,19 @@ class FPNSBP(FPN):
                                      'double from level to level as FPN assumes')
             self._check_agrees(upstream)
             return upstream, strides
-        if self.sbp_cfg.keep_ratio >= 1.0:
+        if self.keep_ratio >= 1.0:
             return None, []
         strides = [2**i for i in range(len(inputs))]
         top = strides[self.backbone_end_level - 1]
         return SBPIteration.sample(self.mask_sampler, inputs[0].shape[2], top), strides
 
     def _check_agrees(self, upstream: SBPIteration) -> None:
-        for key in ('keep_ratio', 'sampling'):
-            if key in self.sbp_given and self.sbp_given[key] != getattr(upstream, key):
-                raise ValueError(f'FPNSBP: sbp.{key}={self.sbp_given[key]!r} disagrees with '
-                                 f'the backbone ({getattr(upstream, key)!r}); the neck uses the '
-                                 "backbone's mask: drop the key or make them equal")
+        mine = dict(keep_ratio=self.keep_ratio, sampling=self.sbp_cfg.sampling)
+        for key, value in mine.items():
+            if key in self.sbp_given and value != getattr(upstream, key):
+                raise ValueError(f'FPNSBP: sbp.{key}={value!r} disagrees with the backbone '
+                                 f"({getattr(upstream, key)!r}); the neck uses the backbone's "
+                                 'mask: drop the key or make them equal')
 
     def _assignments(self, iteration: SBPIteration, strides: List[int]) -> list:
         """(module, state) for every conv whose input stride the mask covers."""
