@@ -3,6 +3,11 @@
 Importing this package registers its modules in the mmdet/mmengine registries,
 so configs only need ``custom_imports=dict(imports=['sbp_mmdet'])``.
 """
+from . import datasets  # noqa: F401
+from . import utils  # noqa: F401
+from .compat import allow_mmengine_checkpoints
 from .version import __version__
+
+allow_mmengine_checkpoints()
 
 __all__ = ['__version__']
