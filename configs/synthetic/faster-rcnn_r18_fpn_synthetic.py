@@ -1,0 +1,95 @@
+# Faster R-CNN, ResNet-18 FPN, trained from scratch on the synthetic shapes dataset
+# (tools/make_synthetic_coco.py) in minutes on a CPU: the `make demo` model.
+#
+# Variants change a few keys: an SBP variant swaps model.backbone.type / model.neck.type,
+# faster-rcnn_r18_fpn_synthetic-tiny.py shrinks data and schedule for the tests.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
+
+# --- data: python tools/make_synthetic_coco.py data/synthetic_coco -------------------------
+data_root = 'data/synthetic_coco/'
+metainfo = dict(  # sbp_mmdet.datasets.CLASSES / PALETTE
+    classes=('rectangle', 'ellipse', 'triangle', 'cross'),
+    palette=[(220, 20, 60), (0, 130, 255), (30, 170, 60), (250, 170, 30)])
+img_scale = (256, 256)
+batch_size = 4
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=1,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8,
+    num_workers=1,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+
+# --- model: ResNet-18 FPN from scratch ------------------------------------------------------
+model = dict(
+    backbone=dict(
+        depth=18,
+        frozen_stages=-1,  # nothing pretrained to keep
+        norm_eval=False,  # BN statistics are learnt along
+        init_cfg=None),  # no pretrained weights: train from scratch
+    # Narrow FPN and heads: four shape classes need far less than COCO's 256 channels,
+    # and on a CPU the 3x3 convolutions on the stride-4 level dominate a step.
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=64),
+    rpn_head=dict(in_channels=64, feat_channels=64),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=64),
+        bbox_head=dict(in_channels=64, fc_out_channels=256,
+                       num_classes=len(metainfo['classes'])),
+    ),
+    # CPU time goes to RoIAlign: sample fewer RoIs in training, keep fewer proposals in test.
+    train_cfg=dict(
+        rpn=dict(sampler=dict(num=128)),
+        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
+        rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100)))
+
+# --- schedule: iterations, not epochs -------------------------------------------------------
+max_iters = 600
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
+                 val_interval=max_iters)
+optim_wrapper = dict(optimizer=dict(lr=0.02, momentum=0.9, weight_decay=1e-4))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=100, end=max_iters, T_max=max_iters - 100,
+         eta_min_ratio=0.01),
+]
+auto_scale_lr = dict(base_batch_size=batch_size)
+default_hooks = dict(
+    logger=dict(interval=20),
+    checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=2))
+log_processor = dict(by_epoch=False)
+
+# Flip test-time augmentation for `tools/test.py --tta`.
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug',
+         transforms=[
+             [dict(type='Resize', scale=img_scale, keep_ratio=True)],
+             [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+             [dict(type='LoadAnnotations', with_bbox=True)],
+             [dict(type='PackDetInputs',
+                   meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
+                              'flip', 'flip_direction'))],
+         ]),
+]
