@@ -1,4 +1,5 @@
 """The synthetic COCO generator: deterministic, valid COCO, loadable by mmdet."""
+import colorsys
 import os
 import os.path as osp
 import subprocess
@@ -12,8 +13,8 @@ from mmengine.config import Config
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sbp_mmdet.datasets import CLASSES, generate_synthetic_coco
-from sbp_mmdet.datasets.synthetic_coco import coco_annotations, render_image
+from sbp_mmdet.datasets import CLASSES, PALETTE, generate_synthetic_coco
+from sbp_mmdet.datasets.synthetic_coco import CLASS_HUES, coco_annotations, render_image
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train=6, num_val=3, img_size=96, progress=False)
@@ -109,6 +110,16 @@ def test_annotations_describe_the_visible_pixels() -> None:
             assert ann['category_id'] == label + 1
 
 
+def test_each_class_is_coloured_in_its_hue_band() -> None:
+    for index in range(10):
+        img, masks = render_image(np.random.default_rng([3, 0, index]), 128, 4, 0.4)
+        for label, visible in masks:
+            b, g, r = img[visible].mean(axis=0) / 255
+            hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+            # 25 degrees of jitter, plus shading and noise
+            assert abs((hue - CLASS_HUES[label] + 180) % 360 - 180) < 40
+
+
 def test_mmdet_coco_dataset_loads_it(dataset: Path) -> None:
     from mmdet.datasets import CocoDataset
     from mmdet.utils import register_all_modules
@@ -132,7 +143,9 @@ def test_mmdet_coco_dataset_loads_it(dataset: Path) -> None:
 def test_synthetic_configs_name_the_generated_classes() -> None:
     for config in sorted((REPO / 'configs' / 'synthetic').glob('*.py')):
         cfg = Config.fromfile(str(config))
-        assert tuple(cfg.train_dataloader.dataset.metainfo['classes']) == CLASSES, config
+        metainfo = cfg.train_dataloader.dataset.metainfo
+        assert tuple(metainfo['classes']) == CLASSES, config
+        assert [tuple(color) for color in metainfo['palette']] == PALETTE, config
         assert cfg.model.roi_head.bbox_head.num_classes == len(CLASSES), config
 
 

@@ -11,7 +11,7 @@ custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
 data_root = 'data/synthetic_coco/'
 metainfo = dict(  # sbp_mmdet.datasets.CLASSES / PALETTE
     classes=('rectangle', 'ellipse', 'triangle', 'cross'),
-    palette=[(220, 20, 60), (0, 130, 255), (30, 170, 60), (250, 170, 30)])
+    palette=[(230, 40, 40), (120, 230, 40), (40, 230, 230), (120, 40, 230)])
 img_scale = (256, 256)
 batch_size = 4
 
@@ -55,7 +55,8 @@ model = dict(
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=64),
         bbox_head=dict(in_channels=64, fc_out_channels=256,
-                       num_classes=len(metainfo['classes'])),
+                       num_classes=len(metainfo['classes']),
+                       reg_class_agnostic=True),  # boxes learn from every positive RoI
     ),
     # CPU time goes to RoIAlign: sample fewer RoIs in training, keep fewer proposals in test.
     train_cfg=dict(
@@ -68,10 +69,10 @@ model = dict(
 max_iters = 600
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
-optim_wrapper = dict(optimizer=dict(lr=0.02, momentum=0.9, weight_decay=1e-4))
+optim_wrapper = dict(optimizer=dict(lr=0.01, momentum=0.9, weight_decay=1e-4))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='CosineAnnealingLR', by_epoch=False, begin=100, end=max_iters, T_max=max_iters - 100,
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, T_max=max_iters - 50,
          eta_min_ratio=0.01),
 ]
 auto_scale_lr = dict(base_batch_size=batch_size)

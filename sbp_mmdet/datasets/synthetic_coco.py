@@ -1,9 +1,12 @@
 """A deterministic synthetic detection dataset in COCO layout.
 
-Images show filled shapes (rectangles, ellipses, triangles, crosses) in random
-colours and sizes on a cluttered background: smooth colour blotches, distractor
-strokes and pixel noise. Later shapes may partly occlude earlier ones (each
-shape keeps at least ``1 - max_occlusion`` of its pixels visible).
+Images show filled shapes (rectangles, ellipses, triangles, crosses) of random
+size, aspect and tilt on a cluttered background: smooth colour blotches,
+distractor strokes in any colour and pixel noise. Later shapes may partly
+occlude earlier ones (each shape keeps at least ``1 - max_occlusion`` of its
+pixels visible). Each class is coloured within its own hue band
+(:data:`CLASS_HUES`, with varied saturation and brightness): a cue, besides the
+shape, that lets a detector trained from scratch on a CPU converge in minutes.
 
 The output mirrors COCO 2017, so mmdet's ``CocoDataset`` and pycocotools'
 ``COCO``/``COCOeval`` read it unchanged::
@@ -23,6 +26,7 @@ Each image draws from its own random stream, seeded by ``(seed, split,
 index)``, so image ``i`` of a split does not depend on how many images the
 split has, and the validation split never repeats a training image.
 """
+import colorsys
 import json
 import os
 import os.path as osp
@@ -36,9 +40,12 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 CLASSES: Tuple[str, ...] = ('rectangle', 'ellipse', 'triangle', 'cross')
 """Category names, in category-id order (ids start at 1, as in COCO)."""
 
-PALETTE: List[Tuple[int, int, int]] = [(220, 20, 60), (0, 130, 255), (30, 170, 60),
-                                       (250, 170, 30)]
-"""One RGB colour per class, used by mmdet's visualizer."""
+CLASS_HUES: Tuple[int, ...] = (0, 90, 180, 270)
+"""Hue (degrees) around which each class is coloured: red, lime, cyan, violet."""
+
+PALETTE: List[Tuple[int, int, int]] = [(230, 40, 40), (120, 230, 40), (40, 230, 230),
+                                       (120, 40, 230)]
+"""One RGB colour per class, in its hue, used by mmdet's visualizer."""
 
 SPLITS: Tuple[str, ...] = ('train2017', 'val2017')
 
@@ -81,7 +88,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     base = rng.uniform(40, 215, size=3)
     blotches = rng.uniform(-45, 45, size=(4, 4, 3)).astype(np.float32)
     img = base + cv2.resize(blotches, (size, size), interpolation=cv2.INTER_CUBIC)
-    for _ in range(rng.integers(2, 7)):
+    for _ in range(rng.integers(1, 5)):
         color = rng.uniform(0, 255, size=3).tolist()
         thickness = int(rng.integers(1, 4))
         if rng.random() < 0.5:
@@ -135,13 +142,19 @@ def _shape_mask(rng: np.random.Generator, label: int, size: int, min_extent: int
     return mask
 
 
-def _contrasting_color(rng: np.random.Generator, behind: np.ndarray) -> np.ndarray:
-    """A random RGB colour that differs clearly from the mean colour ``behind``."""
-    for _ in range(100):
-        color = rng.uniform(0, 255, size=3)
-        if np.abs(color - behind).mean() >= 60:
-            return color
-    return 255.0 - behind  # reached only for mid-grey backgrounds that resist sampling
+def _class_color(rng: np.random.Generator, label: int, behind: np.ndarray) -> np.ndarray:
+    """A BGR colour in the hue band of class ``label``, contrasting with ``behind``.
+
+    Of a few candidates (hue within 25 degrees of the class hue, random
+    saturation and brightness), the one farthest from the mean background
+    colour ``behind`` wins.
+    """
+    candidates = []
+    for _ in range(8):
+        hue = (CLASS_HUES[label] + rng.uniform(-25, 25)) % 360 / 360
+        rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
+        candidates.append(255 * np.array(rgb[::-1]))
+    return max(candidates, key=lambda color: np.abs(color - behind).sum())
 
 
 def render_image(rng: np.random.Generator, size: int, max_objects: int,
@@ -175,7 +188,7 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int,
             continue  # no place found where this shape leaves the others visible enough
         shapes = [(lbl, vis & ~mask, full) for lbl, vis, full in shapes]
         shapes.append((label, mask, int(mask.sum())))
-        color = _contrasting_color(rng, img[mask].mean(axis=0))
+        color = _class_color(rng, label, img[mask].mean(axis=0))
         gradient = np.linspace(-1, 1, size)[:, None, None] * rng.uniform(-20, 20, size=3)
         img[mask] = color + np.broadcast_to(gradient, img.shape)[mask]
     img += rng.normal(0, 8, size=img.shape)
