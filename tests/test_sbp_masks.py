@@ -36,8 +36,9 @@ def test_masks_are_reproducible_under_a_seed_and_change_between_iterations():
 
 
 def test_grid_offsets_vary_between_iterations():
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5), seed=3)
-    assert len({tuple(sampler.sample(10).tolist()) for _ in range(20)}) == 2
+    # period 2 cells of 2 rows: 4 possible offsets, all drawn over 40 iterations
+    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5, grid_cell=2), seed=3)
+    assert len({tuple(sampler.sample(10).tolist()) for _ in range(40)}) == 4
 
 
 def test_sampler_state_restores_the_mask_sequence():
@@ -88,3 +89,17 @@ def test_bad_settings_name_the_key_and_allowed_values(cfg, error):
 def test_unknown_keys_are_refused_with_the_allowed_ones():
     with pytest.raises(KeyError, match="unknown key\\(s\\) \\['keep'\\].*allowed keys"):
         SBPConfig.from_dict(dict(keep=0.5), owner='ResNetSBP')
+
+
+@pytest.mark.parametrize('cell', [1, 2, 4])
+def test_grid_cells_keep_consecutive_rows(cell):
+    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5, grid_cell=cell), seed=0)
+    mask = sampler.sample(64)
+    assert mask.float().mean().item() == pytest.approx(0.5, abs=cell / 64)
+    runs = torch.diff(torch.nonzero(torch.diff(mask.int())).flatten())
+    assert (runs == cell).all()  # inner runs of kept/dropped rows are one cell long
+
+
+def test_grid_cell_must_be_a_positive_int():
+    with pytest.raises(ValueError, match='grid_cell must be a positive int'):
+        SBPConfig(grid_cell=0)

@@ -23,12 +23,12 @@ from .config import SBPConfig
 from .rows import gather_rows
 
 
-def grid_row_mask(num_rows: int, keep_ratio: float, offset: int) -> Tensor:
-    """Periodic rows: keep 1 row in ``round(1/r)`` (r <= 0.5) or drop 1 in
-    ``round(1/(1-r))`` (r > 0.5), the period shifted by ``offset``."""
+def grid_row_mask(num_rows: int, keep_ratio: float, offset: int, cell: int = 1) -> Tensor:
+    """Periodic cells of ``cell`` rows: keep 1 cell in ``round(1/r)`` (r <= 0.5)
+    or drop 1 in ``round(1/(1-r))`` (r > 0.5), shifted by ``offset`` rows."""
     if keep_ratio >= 1.0:
         return torch.ones(num_rows, dtype=torch.bool)
-    phase = (torch.arange(num_rows) + offset) % grid_period(keep_ratio)
+    phase = ((torch.arange(num_rows) + offset) // cell) % grid_period(keep_ratio)
     return phase == 0 if keep_ratio <= 0.5 else phase != 0
 
 
@@ -64,8 +64,9 @@ class RowMaskSampler:
         if ratio >= 1.0:
             return torch.ones(num_rows, dtype=torch.bool)
         if self.cfg.sampling == 'grid':
-            offset = int(torch.randint(grid_period(ratio), (1,), generator=gen))
-            return grid_row_mask(num_rows, ratio, offset)
+            cell = self.cfg.grid_cell
+            offset = int(torch.randint(grid_period(ratio) * cell, (1,), generator=gen))
+            return grid_row_mask(num_rows, ratio, offset, cell)
         num_kept = min(num_rows, max(1, int(round(ratio * num_rows))))
         mask = torch.zeros(num_rows, dtype=torch.bool)
         mask[torch.randperm(num_rows, generator=gen)[:num_kept]] = True

@@ -198,7 +198,9 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
             grad_out, src.take(in_rows), conv.weight, bias_sizes, args['stride'],
             args['padding'], args['dilation'], False, [0, 0], args['groups'], mask)
         grad_in = None
-        if need_input:
+        if need_input and len(in_rows) == len(src.rows) and torch.equal(in_rows, src.rows):
+            grad_in = Packed(gi, src.rows, src.height)  # one output row per stored row
+        elif need_input:
             grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height)
             inside = (in_rows >= 0) & (in_rows < src.height)
             add_rows_(grad_in.data, grad_in.positions(in_rows[inside]),
