@@ -99,6 +99,12 @@ class SBPProgram:
                     'statistics gradient needs a cross-rank reduction); use BN, or '
                     'norm_eval=True as the standard COCO configs do')
         run = _Run(self, iteration, stride, recompute, grad_scale)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Under mixed precision SBP units run in fp32: their backward mixes
+            # saved activations and weights, which must share a dtype.
+            with torch.autocast(device, enabled=False):
+                return _SBPFunction.apply(run, x.float(), *self.parameters())
         return _SBPFunction.apply(run, x, *self.parameters())
 
 
