@@ -6,6 +6,7 @@ so configs only need ``custom_imports=dict(imports=['sbp_mmdet'])``.
 from . import datasets  # noqa: F401
 from . import utils  # noqa: F401
 from .compat import allow_mmengine_checkpoints
+from . import engine  # noqa: F401  (registers CPUDistributedDataParallel)
 from . import hooks  # noqa: F401  (registers SBPHook)
 from . import models  # noqa: F401  (registers ResNetSBP, FPNSBP)
 from .version import __version__

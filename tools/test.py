@@ -21,6 +21,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
+from sbp_mmdet.engine import setup_cpu_distributed
 from sbp_mmdet.utils import DatasetNotFoundError, check_dataset
 
 def parse_args() -> argparse.Namespace:
@@ -102,6 +103,7 @@ def main() -> None:
         check_dataset(cfg, ['test_dataloader', 'test_evaluator'])
     except DatasetNotFoundError as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
+    setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None:
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

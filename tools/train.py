@@ -22,6 +22,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
+from sbp_mmdet.engine import setup_cpu_distributed
 from sbp_mmdet.utils import DatasetNotFoundError, check_dataset
 
 
@@ -95,6 +96,7 @@ def main() -> None:
                       (['val_dataloader', 'val_evaluator'] if validates else []))
     except DatasetNotFoundError as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
+    setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
 

@@ -1,0 +1,60 @@
+"""Distributed data parallel training on CPU processes through mmengine's Runner."""
+from typing import Optional, Sequence
+
+from mmengine.model import MMDistributedDataParallel
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
+
+
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """``MMDistributedDataParallel`` for models that live on the CPU.
+
+    mmengine 0.10's ``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]`` to
+    every ``DistributedDataParallel`` it builds, which torch refuses for CPU
+    modules. Select this wrapper for CPU runs (with the gloo backend); GPU
+    runs keep mmengine's defaults::
+
+        model_wrapper_cfg = dict(type='CPUDistributedDataParallel')
+        env_cfg = dict(dist_cfg=dict(backend='gloo'))
+
+    Args:
+        module (nn.Module): the model, on the CPU.
+        device_ids: ignored (CPU modules take none).
+        **kwargs: the arguments of ``MMDistributedDataParallel``.
+    """
+
+    def __init__(self, module: nn.Module, device_ids: Optional[Sequence[int]] = None,
+                 **kwargs) -> None:
+        params = list(module.parameters())
+        if params and params[0].device.type != 'cpu':
+            raise ValueError('CPUDistributedDataParallel wraps CPU models; on GPUs use '
+                             "mmengine's default MMDistributedDataParallel")
+        super().__init__(module=module, device_ids=None, **kwargs)
+
+
+def setup_cpu_distributed(cfg) -> bool:
+    """Prepare ``cfg`` for a CPU run started by ``torch.distributed.run``.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device``, which a CPU
+    build of torch lacks. When the launcher is ``pytorch`` and no GPU is
+    present, this starts the gloo process group itself (the Runner then
+    skips ``init_dist``) and selects ``CPUDistributedDataParallel``.
+    GPU runs are left to mmengine's defaults.
+
+    Returns:
+        bool: whether the CPU set-up was applied.
+    """
+    import torch
+    import torch.distributed as dist
+    if cfg.get('launcher', 'none') != 'pytorch' or torch.cuda.is_available():
+        return False
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'gloo')
+    if backend == 'nccl':
+        backend = 'gloo'  # the standard configs ask for nccl; CPUs speak gloo
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = backend
+    if not cfg.get('model_wrapper_cfg'):
+        cfg.model_wrapper_cfg = dict(type='CPUDistributedDataParallel')
+    return True

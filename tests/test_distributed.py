@@ -1,0 +1,47 @@
+"""Two CPU processes through mmengine's launcher: tools/dist_train.sh and dist_test.sh."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+from sbp_mmdet.datasets import generate_synthetic_coco
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SBP = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def run_script(script: str, args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', str(REPO / 'tools' / script)] + [str(a) for a in args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f'{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return proc
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_and_evaluation_with_sbp(tmp_path):
+    cfg = Config.fromfile(str(TINY_SBP))
+    generate_synthetic_coco(str(tmp_path / cfg.data_root), num_train=8, num_val=4,
+                            img_size=cfg.img_scale[0], progress=False)
+    run_script('dist_train.sh', [TINY_SBP, 2, '--work-dir', 'work_dirs/dist'], tmp_path)
+    work = tmp_path / 'work_dirs' / 'dist'
+    checkpoint = work / f'iter_{cfg.train_cfg.max_iters}.pth'
+    assert checkpoint.is_file()
+    log = next(work.glob('*/vis_data/scalars.json')).read_text().splitlines()
+    assert any('sbp/kept_fraction_s16' in line for line in log)
+    run_script('dist_test.sh', [TINY_SBP, checkpoint, 2, '--work-dir', 'work_dirs/dist_test'],
+               tmp_path)
+    metrics = json.loads(sorted((tmp_path / 'work_dirs' / 'dist_test').glob('*/*.json'))[-1]
+                         .read_text())
+    assert 'coco/bbox_mAP' in metrics
