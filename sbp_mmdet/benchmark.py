@@ -135,7 +135,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
                          {k: v / 2**20 for k, v in meter.by_component.items()})
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup + steps):
+    for step in range(warmup + steps if steps else 0):
         model.zero_grad(set_to_none=True)
         t0 = _now(device)
         with autocast:
@@ -155,7 +155,8 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         result.peak_kind = 'torch.cuda.max_memory_allocated'
     else:
         result.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result.peak_kind = 'process max RSS (this variant in its own process)'
+        result.peak_kind = ('process max RSS (this variant in its own process'
+                            + (', forward only)' if not steps else ')'))
     return result
 
 

@@ -37,15 +37,16 @@ def parse_args(argv=None):
                         f'default: {" ".join(CPU_VARIANTS)} (+ {" ".join(CUDA_EXTRA)} on CUDA)')
     parser.add_argument('--size', nargs=2, type=int, default=[800, 1344], metavar=('H', 'W'))
     parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--steps', type=int, default=5, help='timed steps per variant')
+    parser.add_argument('--steps', type=int, default=5,
+                        help='timed steps per variant; 0 measures memory only')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--out-dir', default='outputs/benchmark_sbp')
     parser.add_argument('--no-plot', action='store_true')
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or min(args.size) < 32:
-        parser.error('need --steps >= 1, --warmup >= 0, --batch-size >= 1 and --size >= 32')
+    if args.steps < 0 or args.warmup < 0 or args.batch_size < 1 or min(args.size) < 32:
+        parser.error('need --steps >= 0, --warmup >= 0, --batch-size >= 1 and --size >= 32')
     return args
 
 
@@ -60,6 +61,8 @@ def _run_variant(args, name, queue):
     result = measure_variant(cfg, Variant.parse(name), args.batch_size, args.size[0],
                              args.size[1], args.steps, args.warmup, args.device,
                              on_step=lambda: queue.put('step'))
+    if not args.steps:
+        queue.put('step')
     queue.put(result.summary())
 
 
@@ -74,7 +77,7 @@ def run_all(args) -> List[dict]:
             raise SystemExit(f'variant {name!r} needs CUDA (fp16 autocast); device is '
                              f'{args.device}')
     ctx = mp.get_context('spawn')
-    bar = ProgressBar(len(names) * (args.steps + args.warmup))
+    bar = ProgressBar(len(names) * (args.steps + args.warmup if args.steps else 1))
     rows = []
     for name in names:
         queue = ctx.Queue()
@@ -95,6 +98,9 @@ def run_all(args) -> List[dict]:
     for row in rows:
         for key in ('saved_mib', 'backward_median_s', 'step_median_s', 'peak_mib'):
             ref = dense and dense[key]
+            if row[key] is None:
+                row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = None
+                continue
             row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = (
                 row[key] / ref if ref else None)
     return rows
@@ -108,11 +114,15 @@ def format_table(rows: List[dict]) -> str:
     for r in rows:
         cells = [r['variant'], f"{r['saved_mib']:.0f}", _ratio(r['saved_vs_dense'])]
         cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
-        cells += [f"{r['peak_mib']:.0f}", f"{r['forward_median_s']:.3f}",
-                  f"{r['backward_median_s']:.3f}", _ratio(r['backward_vs_dense']),
-                  f"{r['step_median_s']:.3f}", _ratio(r['step_vs_dense'])]
+        cells += [f"{r['peak_mib']:.0f}", _seconds(r['forward_median_s']),
+                  _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
+                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def _seconds(value) -> str:
+    return '-' if value is None else f'{value:.3f}'
 
 
 def _ratio(value) -> str:
@@ -139,7 +149,7 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
                 f"{meta['size'][1]}, {meta['device']} ({meta['device_name']}, "
                 f"{meta['threads']} threads), torch {meta['torch']}, {meta['date']}\n\n")
         f.write(table + '\n')
-    if not args.no_plot:
+    if not args.no_plot and args.steps:
         plot(rows, os.path.join(args.out_dir, 'sbp_vs_keep_ratio.png'))
 
 
@@ -171,7 +181,7 @@ def main(argv=None):
     print(table)
     write_outputs(args, rows, table)
     print(f'wrote {args.out_dir}/results.json, results.csv, table.md'
-          + ('' if args.no_plot else ', sbp_vs_keep_ratio.png'))
+          + ('' if args.no_plot or not args.steps else ', sbp_vs_keep_ratio.png'))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,148 @@
+"""Accuracy fidelity: train dense and SBP detectors with identical schedules and seeds.
+
+For each variant and seed this runs ``tools/train.py`` then ``tools/test.py``
+(the real COCO evaluator) and reports bbox mAP mean and spread per variant,
+with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
+``:random`` (random instead of grid sampling) and ``:stages=0110`` (which
+backbone stages use SBP) suffixes, e.g. ``sbp@0.5:random``.
+
+Example::
+
+    python tools/analysis_tools/sbp_accuracy.py \
+        configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py \
+        --variants dense sbp@0.5 sbp@0.25 --seeds 0 1 --out-dir outputs/accuracy
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='an SBP detector config (ResNetSBP/FPNSBP)')
+    parser.add_argument('--variants', nargs='+', default=['dense', 'sbp@0.5', 'sbp@0.25'])
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    parser.add_argument('--iters', type=int, default=None, help='override max_iters')
+    parser.add_argument('--work-dir', default='work_dirs/sbp_accuracy')
+    parser.add_argument('--out-dir', default='outputs/sbp_accuracy')
+    parser.add_argument('--cfg-options', nargs='+', default=[],
+                        help='extra key=value options for every run')
+    return parser.parse_args(argv)
+
+
+def variant_options(name: str) -> List[str]:
+    """``--cfg-options`` that turn the SBP config into variant ``name``."""
+    head, *suffixes = name.split(':')
+    if head == 'dense':
+        if suffixes:
+            raise ValueError(f'variant {name!r}: dense takes no suffix')
+        # keep ratio 1.0 runs mmdet's dense forward and backward (the SBP modules'
+        # dense path) with the same modules and initial weights as the SBP variants
+        return ['model.backbone.sbp.keep_ratio=1.0']
+    if not head.startswith('sbp@'):
+        raise ValueError(f'unknown variant {name!r}: use dense or sbp@R[:random][:stages=0110]')
+    opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
+    for suffix in suffixes:
+        if suffix == 'random':
+            opts.append('model.backbone.sbp.sampling=random')
+        elif suffix.startswith('stages='):
+            flags = ','.join('True' if c == '1' else 'False' for c in suffix[7:])
+            opts.append(f'model.backbone.sbp.stages=({flags},)')
+        else:
+            raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
+    return opts
+
+
+def run(cmd: List[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f'failed: {" ".join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
+
+
+def train_and_test(args, variant: str, seed: int) -> Dict:
+    work = os.path.join(args.work_dir, f"{variant.replace(':', '_').replace('@', '')}_seed{seed}")
+    opts = variant_options(variant) + [f'randomness.seed={seed}',
+                                       'randomness.deterministic=False'] + args.cfg_options
+    if args.iters:
+        opts += [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
+                 f'default_hooks.checkpoint.interval={args.iters}']
+    python = sys.executable
+    start = time.time()
+    run([python, 'tools/train.py', args.config, '--work-dir', work, '--cfg-options', *opts])
+    train_s = time.time() - start
+    with open(os.path.join(work, 'last_checkpoint')) as f:
+        checkpoint = f.read().strip()
+    test_dir = os.path.join(work, 'test')
+    run([python, 'tools/test.py', args.config, checkpoint, '--work-dir', test_dir,
+         '--cfg-options', *opts])
+    logs = sorted(p for p in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, p)))
+    metrics_file = next(os.path.join(test_dir, logs[-1], f) for f in
+                        os.listdir(os.path.join(test_dir, logs[-1])) if f.endswith('.json'))
+    with open(metrics_file) as f:
+        metrics = json.load(f)
+    return dict(variant=variant, seed=seed, bbox_mAP=metrics['coco/bbox_mAP'],
+                bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s)
+
+
+def summarise(runs: List[Dict]) -> List[Dict]:
+    rows = []
+    for variant in dict.fromkeys(r['variant'] for r in runs):
+        maps = [r['bbox_mAP'] for r in runs if r['variant'] == variant]
+        times = [r['train_s'] for r in runs if r['variant'] == variant]
+        rows.append(dict(variant=variant, seeds=len(maps), mAP_mean=statistics.mean(maps),
+                         mAP_spread=max(maps) - min(maps), train_s_mean=statistics.mean(times)))
+    dense = next((r for r in rows if r['variant'] == 'dense'), None)
+    for row in rows:
+        row['mAP_points_vs_dense'] = (100 * (row['mAP_mean'] - dense['mAP_mean'])
+                                      if dense else None)
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    lines = ['| variant | seeds | bbox mAP (mean) | spread | vs dense (points) | train s |',
+             '|---|---|---|---|---|---|']
+    for r in rows:
+        delta = '-' if r['mAP_points_vs_dense'] is None else f"{r['mAP_points_vs_dense']:+.1f}"
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['mAP_mean']:.3f} | "
+                     f"{r['mAP_spread']:.3f} | {delta} | {r['train_s_mean']:.0f} |")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    from mmengine.utils import ProgressBar
+    args = parse_args(argv)
+    for variant in args.variants:
+        variant_options(variant)  # fail early on a bad name
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    bar = ProgressBar(len(jobs))
+    runs = []
+    for variant, seed in jobs:
+        runs.append(train_and_test(args, variant, seed))
+        bar.update()
+    sys.stdout.write('\n')
+    rows = summarise(runs)
+    table = format_table(rows)
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, 'accuracy.json'), 'w') as f:
+        json.dump(dict(config=args.config, seeds=args.seeds, iters=args.iters, runs=runs,
+                       summary=rows, date=time.strftime('%Y-%m-%d')), f, indent=2)
+    with open(os.path.join(args.out_dir, 'accuracy.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+    with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
+        f.write(table + '\n')
+    print(f'wrote {args.out_dir}/accuracy.json, accuracy.csv, table.md')
+
+
+if __name__ == '__main__':
+    main()
