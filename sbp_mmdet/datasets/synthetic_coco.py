@@ -129,7 +129,7 @@ def _shape_mask(rng: np.random.Generator, label: int, size: int, min_extent: int
     elif name == 'triangle':
         apex = float(rng.uniform(-0.6, 0.6))
         unit = np.array([[apex, -1], [1, 1], [-1, 1]])
-    else:  # cross: a plus sign whose arms are a third of its extent wide
+    else:  # cross: a plus sign whose arms are 25-40% of its extent wide
         t = float(rng.uniform(0.25, 0.4))
         unit = np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
                          [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]])

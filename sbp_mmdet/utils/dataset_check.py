@@ -90,19 +90,18 @@ def check_dataset(cfg: Config, keys: Sequence[str]) -> None:
     lines = ['The dataset of this config is not on disk. Missing (relative to '
              f'{os.getcwd()}):']
     lines += [f'  {path}  ({key})' for key, path in missing]
-    overrides = []
-    for key in dict.fromkeys(key for key, _ in missing):
-        if key.endswith('_dataloader'):
-            overrides.append(f'{key}.dataset.data_root=/path/to/data/')
-        else:
-            overrides.append(f'{key}.ann_file=/path/to/data/annotations/<file>.json')
+    overrides = {}  # one override per config key, in order
+    for key, path in missing:
+        overrides.setdefault(key, f'{key}.dataset.data_root=/path/to/data/'
+                             if key.endswith('_dataloader') else
+                             f'{key}.ann_file=/path/to/data/annotations/{osp.basename(path)}')
     lines += [
         'To fix it, either',
         '  - put the dataset at the paths above (for COCO 2017: annotations/, train2017/ and '
         'val2017/ under the data root), or',
         '  - point the config at your copy: set `data_root` in the config (where its '
         'dataloaders and evaluators use it), or add',
-        '      --cfg-options ' + ' '.join(overrides),
+        '      --cfg-options ' + ' '.join(overrides.values()),
         '  - or try the pipeline on generated data instead: `make demo` (synthetic COCO, '
         'a few minutes on a CPU).',
     ]
