@@ -1,6 +1,8 @@
 """A hook that schedules SBP's keep ratio and logs what SBP does."""
+import random
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -123,6 +125,27 @@ class SBPHook(Hook):
                 self._base.get(id(module), module.keep_ratio), runner.iter, runner.max_iters,
                 self.dense_warmup_iters, self.steps, self.ramp, self._dense_tail(runner))
             module.mask_sampler.step = runner.iter
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Store the random states that the next iterations draw from.
+
+        SBP's masks follow ``runner.iter``; the detector's samplers (RPN and
+        RoI sampling) draw from the global generators, which mmengine does not
+        checkpoint. Restoring them makes a resumed run continue with the
+        losses an uninterrupted run would have.
+        """
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint.setdefault('meta', {})['sbp_random_state'] = dict(
+            torch=torch.get_rng_state(), python=random.getstate(),
+            numpy=(name, keys.tolist(), int(pos), int(has_gauss), float(cached)))
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get('meta', {}).get('sbp_random_state')
+        if state is not None:
+            torch.set_rng_state(state['torch'])
+            name, keys, pos, has_gauss, cached = state['numpy']
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+            random.setstate(state['python'])
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         hub = runner.message_hub
