@@ -1,5 +1,4 @@
 """ResNetSBP and FPNSBP: drop-in, exact forward, reference gradients, less memory."""
-import copy
 import math
 
 import pytest

@@ -187,7 +187,6 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         ``src.rows``. Entries whose tensors do not need gradients are None.
     """
     geom = RowGeometry.of(conv)
-    n = src.data.shape[0]
     mask = [need_input, conv.weight.requires_grad,
             conv.bias is not None and conv.bias.requires_grad]
     bias_sizes = [conv.weight.shape[0]] if mask[2] else None
