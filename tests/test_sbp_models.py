@@ -48,6 +48,14 @@ def assert_grad_close(grad, ref, name):
                                msg=lambda m: f'{name}: {m}')
 
 
+def assert_grads_match(model, reference):
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+        else:
+            assert_grad_close(p.grad, q.grad, name)
+
+
 def resnet_pair(depth, **kwargs):
     torch.manual_seed(0)
     sbp = ResNetSBP(depth=depth, sbp=kwargs.pop('sbp', None), **kwargs)
@@ -80,11 +88,7 @@ def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(dept
     sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
     for o, r in zip(outs, ref_outs):
         torch.testing.assert_close(o, r)
-    for (name, p), (_, q) in zip(sbp.named_parameters(), dense.named_parameters()):
-        if q.grad is None:
-            assert p.grad is None or p.grad.abs().sum() == 0, name
-        else:
-            assert_grad_close(p.grad, q.grad, name)
+    assert_grads_match(sbp, dense)
 
 
 def test_r_equal_one_and_eval_mode_are_plain_resnet():
@@ -202,11 +206,7 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(size):
     torch.testing.assert_close(loss, ref_loss)
     loss.backward()
     ref_loss.backward()
-    for (name, p), (_, q) in zip(sbp_model.named_parameters(), dense.named_parameters()):
-        if q.grad is None:
-            assert p.grad is None or p.grad.abs().sum() == 0, name
-        else:
-            assert_grad_close(p.grad, q.grad, name)
+    assert_grads_match(sbp_model, dense)
 
 
 def test_faster_rcnn_config_saves_much_less_for_backward():

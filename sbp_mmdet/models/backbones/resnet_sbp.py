@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
 from ...sbp import check_unit_layers
-from ...sbp.state import sbp_states
+from ...sbp.state import SBPModuleMixin, sbp_states
 
 STEM_STRIDE = 4
 
@@ -82,7 +82,7 @@ _SBP_BLOCKS = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}
 
 
 @MODELS.register_module()
-class ResNetSBP(ResNet):
+class ResNetSBP(SBPModuleMixin, ResNet):
     """ResNet whose blocks train with Stochastic Backpropagation (SBP).
 
     A drop-in replacement for mmdet's ``ResNet``: same arguments, same
@@ -176,15 +176,6 @@ class ResNetSBP(ResNet):
             stride *= s
             strides.append(stride)
         return strides
-
-    @property
-    def keep_ratio(self) -> float:
-        """The keep ratio in force (a schedule may change it during training)."""
-        return self.mask_sampler.keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
 
     def sbp_active(self) -> bool:
         """Whether the next forward uses SBP."""

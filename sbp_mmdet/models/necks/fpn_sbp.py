@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
 from ...sbp import check_unit_layers
-from ...sbp.state import sbp_states
+from ...sbp.state import SBPModuleMixin, sbp_states
 
 
 class SBPConvModule(ConvModule):
@@ -48,7 +48,7 @@ class SBPConvModule(ConvModule):
 
 
 @MODELS.register_module()
-class FPNSBP(FPN):
+class FPNSBP(SBPModuleMixin, FPN):
     """FPN whose lateral and output convs train with Stochastic Backpropagation.
 
     A drop-in replacement for mmdet's ``FPN``: same arguments, same
@@ -78,15 +78,6 @@ class FPNSBP(FPN):
         for i, module in enumerate(self.fpn_convs):
             SBPConvModule.adopt(module, f'FPNSBP.fpn_convs.{i}')
         self.mask_sampler = RowMaskSampler(self.sbp_cfg)
-
-    @property
-    def keep_ratio(self) -> float:
-        """The keep ratio of the neck's own mask (used behind a dense backbone)."""
-        return self.mask_sampler.keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
 
     def sbp_active(self) -> bool:
         return self.training and torch.is_grad_enabled()
