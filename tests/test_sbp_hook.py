@@ -1,4 +1,5 @@
 """SBPHook (keep-ratio schedules, logging, mask step) and the mask visualiser."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,14 +92,15 @@ def test_visualiser_masks_match_across_strides():
     assert masks[16].mean() == 0.5
 
 
-def _train(cfg_path, work_dir, max_iters, resume=None):
+def _train(cfg_path, work_dir, max_iters, resume=None, checkpoint_interval=2):
     cfg = Config.fromfile(str(cfg_path))
     cfg.work_dir = str(work_dir)
     cfg.randomness = dict(seed=0, deterministic=True)
     cfg.train_cfg.max_iters = max_iters
     cfg.train_cfg.val_interval = 100
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=2, by_epoch=False)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=checkpoint_interval,
+                                        by_epoch=False)
     if resume:
         cfg.resume, cfg.load_from = True, str(resume)
     runner = Runner.from_cfg(cfg)
@@ -118,3 +120,11 @@ def test_same_seed_same_losses_and_resume_continues_them(tiny_workspace, monkeyp
     resumed = _train(TINY_SBP, tiny_workspace / 'w3r', 4,
                      resume=tiny_workspace / 'w3' / 'iter_2.pth')
     assert resumed[-2:] == pytest.approx(first[-2:], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sbp_training_is_finite_and_the_loss_decreases(tiny_workspace, monkeypatch):
+    monkeypatch.chdir(tiny_workspace)
+    losses = _train(TINY_SBP, tiny_workspace / 'long', 60, checkpoint_interval=60)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
