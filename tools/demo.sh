@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=data/synthetic_coco
 WORK=work_dirs/demo
-# The configs to train and compare. The SBP variant plugs in here, next to its dense
-# baseline; the summary below prints one row per config.
-CONFIGS=(configs/synthetic/faster-rcnn_r18_fpn_synthetic.py)
+# The configs to train and compare: the dense baseline and the same detector with SBP
+# (keep ratio 0.5); the summary below prints one row per config.
+CONFIGS=(configs/synthetic/faster-rcnn_r18_fpn_synthetic.py
+         configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py)
 
 if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
     "$PYTHON" tools/make_synthetic_coco.py "$DATA" --num-train 1000 --num-val 200 --seed 0
@@ -36,3 +37,9 @@ done
 echo
 echo "Demo results (bbox on $DATA/val2017, training wall time on this machine):"
 printf '  %s\n' "${summary[@]}"
+
+echo
+echo "Activation memory saved for backward, dense vs SBP (demo model, batch 4 x 256x256):"
+"$PYTHON" tools/analysis_tools/benchmark_sbp.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py \
+    --size 256 256 --batch-size 4 --steps 0 --variants dense sbp@0.5 sbp@0.25 \
+    --out-dir "$WORK/memory" 2>/dev/null | grep '^|'
