@@ -58,7 +58,8 @@ model = dict(
                        num_classes=len(metainfo['classes']),
                        reg_class_agnostic=True),  # boxes learn from every positive RoI
     ),
-    # CPU time goes to RoIAlign: sample fewer RoIs in training, keep fewer proposals in test.
+    # RoIAlign and the box head run per RoI: sample fewer RoIs in training and keep fewer
+    # proposals in test (four shapes per image at most).
     train_cfg=dict(
         rpn=dict(sampler=dict(num=128)),
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
@@ -66,7 +67,7 @@ model = dict(
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100)))
 
 # --- schedule: iterations, not epochs -------------------------------------------------------
-max_iters = 600
+max_iters = 400
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
 optim_wrapper = dict(optimizer=dict(lr=0.01, momentum=0.9, weight_decay=1e-4))
