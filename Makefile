@@ -21,7 +21,7 @@ $(ENV_STAMP): requirements.txt setup.cfg
 	touch $@
 
 demo: env
-	bash tools/demo.sh
+	PYTHON=$(PY) bash tools/demo.sh
 
 test: env
 	$(PY) -m pytest tests -q
