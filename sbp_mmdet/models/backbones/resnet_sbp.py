@@ -32,50 +32,47 @@ def _check_block(block: nn.Module, where: str) -> None:
         raise TypeError(f'{where}: SBP does not support block plugins; disable SBP for this stage')
 
 
-class SBPBasicBlock(BasicBlock):
+class _SBPBlockMixin:
+    """Runs a residual block as an SBP program while ``sbp_state`` is set."""
+
+    sbp_state: Optional[SBPState] = None
+
+    def sbp_program(self) -> SBPProgram:
+        where = type(self).__name__
+        _check_block(self, where)
+        shortcut, residual = _downsample_unit(self, where)
+        *body, last = self._main_units()
+        units = body + shortcut + [ConvUnit(last.name, last.source, last.conv, last.norm,
+                                            relu=True, residual=residual)]
+        for unit in units:
+            check_unit_layers(unit.conv, unit.norm, f'{where}.{unit.name}')
+        return SBPProgram(units)
+
+    def _main_units(self) -> List[ConvUnit]:
+        """The units of the main branch, the last one before its residual add."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sbp_state is None:
+            return super().forward(x)
+        return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
+
+
+class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
     """``BasicBlock`` that runs as an SBP program while ``sbp_state`` is set."""
 
-    sbp_state: Optional[SBPState] = None
-
-    def sbp_program(self) -> SBPProgram:
-        where = type(self).__name__
-        _check_block(self, where)
-        check_unit_layers(self.conv1, self.norm1, f'{where}.conv1')
-        check_unit_layers(self.conv2, self.norm2, f'{where}.conv2')
-        shortcut, residual = _downsample_unit(self, where)
-        return SBPProgram([ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
-                           *shortcut,
-                           ConvUnit('conv2', 'conv1', self.conv2, self.norm2, relu=True,
-                                    residual=residual)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sbp_state is None:
-            return super().forward(x)
-        return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
+    def _main_units(self) -> List[ConvUnit]:
+        return [ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
+                ConvUnit('conv2', 'conv1', self.conv2, self.norm2)]
 
 
-class SBPBottleneck(Bottleneck):
+class SBPBottleneck(_SBPBlockMixin, Bottleneck):
     """``Bottleneck`` that runs as an SBP program while ``sbp_state`` is set."""
 
-    sbp_state: Optional[SBPState] = None
-
-    def sbp_program(self) -> SBPProgram:
-        where = type(self).__name__
-        _check_block(self, where)
-        for name in ('conv1', 'conv2', 'conv3'):
-            check_unit_layers(getattr(self, name), getattr(self, 'norm' + name[-1]),
-                              f'{where}.{name}')
-        shortcut, residual = _downsample_unit(self, where)
-        return SBPProgram([ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
-                           ConvUnit('conv2', 'conv1', self.conv2, self.norm2, relu=True),
-                           *shortcut,
-                           ConvUnit('conv3', 'conv2', self.conv3, self.norm3, relu=True,
-                                    residual=residual)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sbp_state is None:
-            return super().forward(x)
-        return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
+    def _main_units(self) -> List[ConvUnit]:
+        return [ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
+                ConvUnit('conv2', 'conv1', self.conv2, self.norm2, relu=True),
+                ConvUnit('conv3', 'conv2', self.conv3, self.norm3)]
 
 
 _SBP_BLOCKS = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}
