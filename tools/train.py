@@ -14,7 +14,6 @@ Examples::
 """
 import argparse
 import os
-import os.path as osp
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
@@ -23,7 +22,7 @@ from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
-from sbp_mmdet.utils import DatasetNotFoundError, check_dataset
+from sbp_mmdet.utils import DatasetNotFoundError, check_dataset, load_tool_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,14 +53,7 @@ def parse_args() -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config of ``args.config`` with the command-line options applied."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     if args.amp:
         if cfg.optim_wrapper.get('type', 'OptimWrapper') not in ('OptimWrapper',
