@@ -6,11 +6,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sbp_mmdet.benchmark import Variant
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
+TINY_SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
+
+
+def tiny_dataset_options(tmp_path: Path) -> list:
+    """``--cfg-options`` pointing the tiny config at a small synthetic set in ``tmp_path``."""
+    from mmengine.config import Config
+
+    from sbp_mmdet.datasets import generate_synthetic_coco
+    cfg = Config.fromfile(str(TINY_SBP_CONFIG))
+    root = tmp_path / 'data'
+    generate_synthetic_coco(str(root), num_train=8, num_val=4, img_size=cfg.img_scale[0],
+                            progress=False)
+    ann = str(root / 'annotations' / 'instances_val2017.json')
+    data = [f'{loader}.dataset.data_root={root}/' for loader in
+            ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    return data + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
 
 
 def test_variants_parse_and_turn_the_config_dense_or_sbp():
@@ -50,18 +67,8 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
 
 
 def test_accuracy_study_trains_evaluates_and_summarises(tmp_path):
-    from mmengine.config import Config
-
-    from sbp_mmdet.datasets import generate_synthetic_coco
-    tiny = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
-    cfg = Config.fromfile(str(tiny))
-    root = tmp_path / 'data'
-    generate_synthetic_coco(str(root), num_train=8, num_val=4, img_size=cfg.img_scale[0],
-                            progress=False)
-    ann = str(root / 'annotations' / 'instances_val2017.json')
-    data = [f'{loader}.dataset.data_root={root}/' for loader in
-            ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    data += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+    data = tiny_dataset_options(tmp_path)
+    tiny = TINY_SBP_CONFIG
     out = tmp_path / 'out'
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py'), str(tiny),
@@ -73,3 +80,69 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path):
     assert [r['variant'] for r in result['summary']] == ['dense', 'sbp@0.5:random']
     assert all(0.0 <= r['bbox_mAP'] <= 1.0 for r in result['runs'])  # COCOeval's figure
     assert result['summary'][0]['mAP_points_vs_dense'] == 0.0
+
+    # --reuse takes finished runs from their work dirs instead of training them again
+    work_files = sorted((tmp_path / 'work').rglob('*.pth'))
+    mtimes = [p.stat().st_mtime for p in work_files]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py'), str(tiny),
+         '--variants', 'sbp@0.5:random', '--seeds', '0', '--iters', '2', '--reuse',
+         '--work-dir', str(tmp_path / 'work'), '--out-dir', str(out), '--cfg-options', *data],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reused = json.loads((out / 'accuracy.json').read_text())
+    assert reused['runs'] == result['runs'][1:]
+    assert [p.stat().st_mtime for p in sorted((tmp_path / 'work').rglob('*.pth'))] == mtimes
+
+
+def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mmdet.registry import MODELS
+    from sbp_mmdet.benchmark import detector_batch
+    from sbp_mmdet.grad_fidelity import gradient_fidelity
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(SBP_CONFIG))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    model.train()
+    batch = detector_batch(model, 2, 96, 128, num_classes=4)
+    same = gradient_fidelity(model, [batch], [1.0])[1.0]
+    for stats in same.values():  # keep ratio 1.0 is plain backprop
+        assert stats['cosine'] == pytest.approx(1.0, abs=1e-9)
+        assert stats['norm_ratio'] == pytest.approx(1.0, abs=1e-9)
+    half = gradient_fidelity(model, [batch], [0.5])[0.5]
+    assert list(half)[:5] == ['backbone.stem'] + [f'backbone.layer{i}' for i in range(1, 5)]
+    for head in ('rpn_head', 'roi_head'):  # the forward is exact, so dense heads are too
+        assert half[head]['cosine'] == pytest.approx(1.0, abs=1e-6)
+        assert half[head]['norm_ratio'] == pytest.approx(1.0, abs=1e-6)
+    for stage in ('backbone.stem', 'backbone.layer1', 'backbone.layer2', 'backbone.layer3'):
+        assert 0.0 < half[stage]['cosine'] < 0.99  # gradients from kept rows only
+
+
+def test_grad_fidelity_tool_writes_table_json_csv_and_plot(tmp_path):
+    out = tmp_path / 'fidelity'
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_grad_fidelity.py'),
+         str(TINY_SBP_CONFIG), '--keep-ratios', '0.25', '0.5', '--iters', '1',
+         '--out-dir', str(out), '--cfg-options', *tiny_dataset_options(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / 'grad_fidelity.json').read_text())
+    assert set(result['results']) == {'0.25', '0.5'}
+    assert result['results']['0.5']['roi_head']['cosine'] == pytest.approx(1.0, abs=1e-6)
+    with open(out / 'grad_fidelity.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert {r['keep_ratio'] for r in rows} == {'0.25', '0.5'}
+    assert '| backbone.layer1 |' in (out / 'table.md').read_text()
+    assert (out / 'grad_fidelity.png').stat().st_size > 1000
+
+
+def test_grad_fidelity_tool_refuses_keep_ratios_outside_0_1():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_grad_fidelity.py'),
+         str(TINY_SBP_CONFIG), '--keep-ratios', '0.5', '1.0'],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and '--keep-ratios must lie in (0, 1)' in proc.stderr
