@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument('--out-dir', default='outputs/sbp_accuracy')
     parser.add_argument('--cfg-options', nargs='+', default=[],
                         help='extra key=value options for every run')
+    parser.add_argument('--reuse', action='store_true',
+                        help='reuse a run whose work dir already holds its result.json from '
+                             'the same options (to extend or resume a study)')
     return parser.parse_args(argv)
 
 
@@ -74,6 +77,12 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
     if args.iters:
         opts += [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
                  f'default_hooks.checkpoint.interval={args.iters}']
+    result_file = os.path.join(work, 'result.json')
+    if args.reuse and os.path.exists(result_file):
+        with open(result_file) as f:
+            result = json.load(f)
+        if result.get('options') == opts:
+            return result
     python = sys.executable
     start = time.time()
     run([python, 'tools/train.py', args.config, '--work-dir', work, '--cfg-options', *opts])
@@ -88,8 +97,11 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
                         os.listdir(os.path.join(test_dir, logs[-1])) if f.endswith('.json'))
     with open(metrics_file) as f:
         metrics = json.load(f)
-    return dict(variant=variant, seed=seed, bbox_mAP=metrics['coco/bbox_mAP'],
-                bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s)
+    result = dict(variant=variant, seed=seed, bbox_mAP=metrics['coco/bbox_mAP'],
+                  bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s, options=opts)
+    with open(result_file, 'w') as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def summarise(runs: List[Dict]) -> List[Dict]:
@@ -136,7 +148,8 @@ def main(argv=None):
         json.dump(dict(config=args.config, seeds=args.seeds, iters=args.iters, runs=runs,
                        summary=rows, date=time.strftime('%Y-%m-%d')), f, indent=2)
     with open(os.path.join(args.out_dir, 'accuracy.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer = csv.DictWriter(f, fieldnames=[k for k in runs[0] if k != 'options'],
+                                extrasaction='ignore')
         writer.writeheader()
         writer.writerows(runs)
     with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
