@@ -50,7 +50,8 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'benchmark_sbp.py'),
          str(SBP_CONFIG), '--size', '64', '96', '--steps', '1', '--warmup', '0',
-         '--variants', 'dense', 'sbp@0.5', 'sbp@0.25', '--out-dir', str(out)],
+         '--variants', 'dense', 'sbp@0.5', 'sbp@0.25', '--out-dir', str(out),
+         '--cfg-options', 'model.backbone.sbp.grad_scale=inverse_keep'],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '| sbp@0.5 |' in proc.stdout
@@ -63,6 +64,8 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     with open(out / 'results.csv') as f:
         assert len(list(csv.DictReader(f))) == 3
     assert (out / 'table.md').read_text().count('\n| ') >= 4
+    assert 'model.backbone.sbp.grad_scale=inverse_keep' in (out / 'table.md').read_text()
+    assert results['meta']['cfg_options'] == {'model.backbone.sbp.grad_scale': 'inverse_keep'}
     assert (out / 'sbp_vs_keep_ratio.png').stat().st_size > 1000
 
 

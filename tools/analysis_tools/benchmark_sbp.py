@@ -30,6 +30,7 @@ CUDA_EXTRA = ['amp', 'sbp@0.5+amp']
 
 
 def parse_args(argv=None):
+    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='detector config (with ResNetSBP/FPNSBP)')
     parser.add_argument('--variants', nargs='+', default=None,
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--out-dir', default='outputs/benchmark_sbp')
     parser.add_argument('--no-plot', action='store_true')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config keys for every variant, e.g. '
+                        'model.backbone.sbp.grid_cell=4 (dense variants drop the sbp keys)')
     args = parser.parse_args(argv)
     if args.steps < 0 or args.warmup < 0 or args.batch_size < 1 or min(args.size) < 32:
         parser.error('need --steps >= 0, --warmup >= 0, --batch-size >= 1 and --size >= 32')
@@ -58,6 +62,8 @@ def _run_variant(args, name, queue):
 
     from sbp_mmdet.benchmark import Variant, measure_variant
     cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     result = measure_variant(cfg, Variant.parse(name), args.batch_size, args.size[0],
                              args.size[1], args.steps, args.warmup, args.device,
                              on_step=lambda: queue.put('step'))
@@ -131,7 +137,8 @@ def _ratio(value) -> str:
 
 def write_outputs(args, rows: List[dict], table: str) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
-    meta = dict(config=args.config, size=args.size, batch_size=args.batch_size,
+    meta = dict(config=args.config, cfg_options=args.cfg_options and dict(args.cfg_options),
+                size=args.size, batch_size=args.batch_size,
                 steps=args.steps, warmup=args.warmup, device=args.device,
                 device_name=(torch.cuda.get_device_name() if args.device.startswith('cuda')
                              else platform.processor() or platform.machine()),
@@ -145,7 +152,8 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
         writer.writeheader()
         writer.writerows(flat)
     with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
-        f.write(f"{meta['config']}, batch {meta['batch_size']} x {meta['size'][0]}x"
+        options = ''.join(f' {k}={v}' for k, v in (meta['cfg_options'] or {}).items())
+        f.write(f"{meta['config']}{options}, batch {meta['batch_size']} x {meta['size'][0]}x"
                 f"{meta['size'][1]}, {meta['device']} ({meta['device_name']}, "
                 f"{meta['threads']} threads), torch {meta['torch']}, {meta['date']}\n\n")
         f.write(table + '\n')
