@@ -22,7 +22,7 @@ from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
-from sbp_mmdet.utils import DatasetNotFoundError, check_dataset, load_tool_config
+from sbp_mmdet.utils import DatasetError, check_dataset, load_tool_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +86,7 @@ def main() -> None:
     try:
         check_dataset(cfg, ['train_dataloader'] +
                       (['val_dataloader', 'val_evaluator'] if validates else []))
-    except DatasetNotFoundError as err:
+    except DatasetError as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

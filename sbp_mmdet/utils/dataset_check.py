@@ -1,39 +1,66 @@
-"""Fail fast, with directions, when the dataset a config reads is not on disk.
+"""Fail fast, with directions, when the dataset a config reads is not usable.
 
 Without this check a Runner builds the model, the hooks and the dataloaders
 before the dataset raises a bare ``FileNotFoundError`` from deep inside
-``pycocotools``; the check names every missing file up front and says how to
-point the config elsewhere.
+``pycocotools``, or an error that names neither the file nor the problem for
+an annotation file that is not COCO (``annotation file format <class 'list'>
+not supported``) or lists no image (``need at least one array to
+concatenate``). The check names every missing file up front and says how to
+point the config elsewhere, then reads the annotation files of COCO-style
+datasets once and names the first one that cannot work.
 """
+import json
 import os
 import os.path as osp
-from typing import List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from mmdet.datasets import CocoDataset
+from mmdet.registry import DATASETS
 from mmengine.config import Config, ConfigDict
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(Exception):
+    """The dataset of a config cannot be used."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """The annotation files or image folders of a config do not exist."""
 
 
-def _dataset_paths(dataset: ConfigDict) -> List[str]:
-    """Annotation files and image folders that a dataset config reads.
+class AnnotationFileError(DatasetError, ValueError):
+    """An annotation file of a config is not a usable COCO annotation file."""
 
-    Paths are joined with ``data_root`` as mmengine's ``BaseDataset`` joins
-    them. Dataset wrappers are followed: ``dataset`` (``RepeatDataset``,
-    ``ClassBalancedDataset``, ...) and ``datasets`` (``ConcatDataset``).
-    """
-    paths = []
+
+def _leaf_datasets(dataset: ConfigDict) -> Iterator[ConfigDict]:
+    """``dataset`` and the datasets it wraps: ``dataset`` (``RepeatDataset``,
+    ``ClassBalancedDataset``, ...) and ``datasets`` (``ConcatDataset``)."""
     if isinstance(dataset.get('dataset'), dict):
-        paths += _dataset_paths(dataset['dataset'])
+        yield from _leaf_datasets(dataset['dataset'])
     for sub_dataset in dataset.get('datasets') or []:
-        paths += _dataset_paths(sub_dataset)
-    data_root = dataset.get('data_root') or ''
-    if dataset.get('ann_file'):
-        paths.append(osp.join(data_root, dataset['ann_file']))
-    for prefix in (dataset.get('data_prefix') or {}).values():
-        if prefix:
-            paths.append(osp.join(data_root, prefix))
+        yield from _leaf_datasets(sub_dataset)
+    yield dataset
+
+
+def _ann_file(dataset: ConfigDict) -> Optional[str]:
+    """The annotation file of one dataset config, joined with ``data_root``
+    as mmengine's ``BaseDataset`` joins it."""
+    if not dataset.get('ann_file'):
+        return None
+    return osp.join(dataset.get('data_root') or '', dataset['ann_file'])
+
+
+def _dataset_paths(dataset: ConfigDict) -> List[str]:
+    """Annotation files and image folders that a dataset config reads, wrapped
+    datasets included."""
+    paths = []
+    for leaf in _leaf_datasets(dataset):
+        data_root = leaf.get('data_root') or ''
+        ann_file = _ann_file(leaf)
+        if ann_file:
+            paths.append(ann_file)
+        for prefix in (leaf.get('data_prefix') or {}).values():
+            if prefix:
+                paths.append(osp.join(data_root, prefix))
     return paths
 
 
@@ -69,24 +96,59 @@ def missing_dataset_files(cfg: Config, keys: Sequence[str]) -> List[Tuple[str, s
     return missing
 
 
-def check_dataset(cfg: Config, keys: Sequence[str]) -> None:
-    """Raise :class:`DatasetNotFoundError` if a dataset file of ``cfg`` is missing.
-
-    The message lists the missing files and the ways out: put the data there,
-    point the config at it (``data_root`` or ``--cfg-options``), or run the
-    synthetic demo.
+def coco_annotation_problem(path: str) -> Optional[str]:
+    """What makes ``path`` unusable as the COCO annotation file of a dataset.
 
     Args:
-        cfg (Config): A full mmengine config (after ``--cfg-options``).
-        keys (Sequence[str]): See :func:`missing_dataset_files`.
+        path (str): A local annotation file.
 
-    Example:
-        >>> cfg = Config.fromfile('configs/faster_rcnn_r50_sbp.py')  # doctest: +SKIP
-        >>> check_dataset(cfg, ['train_dataloader', 'val_evaluator'])  # doctest: +SKIP
+    Returns:
+        str, optional: The problem in words (not JSON, not a JSON object, no
+        ``images`` or ``categories`` list, no image at all), or None when
+        the file has the layout that mmdet's ``CocoDataset`` reads.
     """
-    missing = missing_dataset_files(cfg, keys)
-    if not missing:
-        return
+    try:
+        with open(path, encoding='utf-8') as f:
+            content = json.load(f)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        return f'not valid JSON ({err})'
+    layout = ('a COCO annotation file is a JSON object with "images", "annotations" and '
+              '"categories" lists')
+    if not isinstance(content, dict):
+        return f'the top level is a JSON {type(content).__name__}; {layout}'
+    for key in ('images', 'categories'):
+        if not isinstance(content.get(key), list):
+            return f'no "{key}" list; {layout}'
+    if not content['images']:
+        return '"images" is empty: the dataset has no image'
+    return None
+
+
+def _is_coco_dataset(dataset: ConfigDict) -> bool:
+    """Whether a dataset config builds a ``CocoDataset`` (or a subclass: LVIS, ...)."""
+    dataset_type = dataset.get('type')
+    if isinstance(dataset_type, str):
+        dataset_type = DATASETS.get(dataset_type)
+    return isinstance(dataset_type, type) and issubclass(dataset_type, CocoDataset)
+
+
+def _coco_annotation_files(cfg: Config, keys: Sequence[str]) -> Dict[str, str]:
+    """``{path: key}`` for the local annotation files of the COCO-style datasets
+    of the dataloaders among ``keys``."""
+    files: Dict[str, str] = {}
+    for key in keys:
+        section = cfg.get(key)
+        if not section or not key.endswith('_dataloader'):
+            continue
+        for dataset in _leaf_datasets(section['dataset']):
+            path = _ann_file(dataset)
+            if path and '://' not in path and _is_coco_dataset(dataset):
+                files.setdefault(path, key)
+    return files
+
+
+def _missing_message(missing: List[Tuple[str, str]]) -> str:
+    """The missing files and the ways out."""
     lines = ['The dataset of this config is not on disk. Missing (relative to '
              f'{os.getcwd()}):']
     lines += [f'  {path}  ({key})' for key, path in missing]
@@ -105,4 +167,32 @@ def check_dataset(cfg: Config, keys: Sequence[str]) -> None:
         '  - or try the pipeline on generated data instead: `make demo` (synthetic COCO, '
         'a few minutes on a CPU).',
     ]
-    raise DatasetNotFoundError('\n'.join(lines))
+    return '\n'.join(lines)
+
+
+def check_dataset(cfg: Config, keys: Sequence[str]) -> None:
+    """Raise a :class:`DatasetError` if the dataset of ``cfg`` cannot be used.
+
+    Raises :class:`DatasetNotFoundError` when dataset files are missing: the
+    message lists them and the ways out (put the data there, point the
+    config at it with ``data_root`` or ``--cfg-options``, or run the
+    synthetic demo). Then reads the annotation file of each COCO-style
+    dataset (one JSON parse each, as the dataset itself does) and raises
+    :class:`AnnotationFileError` naming the first one that cannot work and
+    why (see :func:`coco_annotation_problem`).
+
+    Args:
+        cfg (Config): A full mmengine config (after ``--cfg-options``).
+        keys (Sequence[str]): See :func:`missing_dataset_files`.
+
+    Example:
+        >>> cfg = Config.fromfile('configs/faster_rcnn_r50_sbp.py')  # doctest: +SKIP
+        >>> check_dataset(cfg, ['train_dataloader', 'val_evaluator'])  # doctest: +SKIP
+    """
+    missing = missing_dataset_files(cfg, keys)
+    if missing:
+        raise DatasetNotFoundError(_missing_message(missing))
+    for path, key in _coco_annotation_files(cfg, keys).items():
+        problem = coco_annotation_problem(path)
+        if problem is not None:
+            raise AnnotationFileError(f'Annotation file {path} ({key}): {problem}')
