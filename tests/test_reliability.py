@@ -1,16 +1,20 @@
-"""Reliability on the tiny synthetic set: bad data stops training with the file and the
-problem named.
+"""Reliability on the tiny synthetic set: a killed run resumes exactly, and bad data
+stops training with the file and the problem named.
 
 Each test works in a temporary folder where the tiny config finds its data
 (``data/synthetic_coco_tiny/``); ``tools/train.py`` runs as a subprocess there, as a
 user runs it (see ``test_tools.py``).
 """
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 from mmengine.config import Config
@@ -49,6 +53,64 @@ def train_command(work_dir: Path, max_iters: int, *args: str) -> List[str]:
             'randomness.deterministic=True', 'default_hooks.checkpoint.interval=1',
             'log_processor.window_size=1', 'val_cfg=None', 'val_dataloader=None',
             'val_evaluator=None']
+
+
+def run_train(work_dir: Path, max_iters: int, *args: str, cwd: Path) -> str:
+    """Run :func:`train_command` to the end; its console output."""
+    proc = subprocess.run(train_command(work_dir, max_iters, *args), cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f'train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return proc.stdout + proc.stderr
+
+
+def last_checkpoint_iter(work_dir: Path) -> int:
+    """The iteration of the checkpoint that ``work_dir/last_checkpoint`` names, 0 if none."""
+    last = work_dir / 'last_checkpoint'
+    match = re.search(r'iter_(\d+)\.pth$', last.read_text().strip()) if last.is_file() else None
+    return int(match.group(1)) if match else 0
+
+
+def logged_losses(run_dir: Path) -> Dict[int, float]:
+    """``{iteration: loss}`` from the scalar log of one run (a timestamped folder)."""
+    records = map(json.loads, (run_dir / 'vis_data' / 'scalars.json').read_text().splitlines())
+    return {record['iter']: record['loss'] for record in records if 'loss' in record}
+
+
+@pytest.mark.slow
+def test_run_killed_mid_training_resumes_at_its_last_checkpoint_with_the_same_losses(
+        workspace: Path) -> None:
+    """SIGKILL right after a checkpoint; ``--resume`` goes on from that checkpoint,
+    past the truncated file a kill during the next save leaves, and logs the
+    losses of an uninterrupted run with the same seed."""
+    max_iters = 8
+    reference = workspace / 'work_dirs' / 'uninterrupted'
+    run_train(reference, max_iters, cwd=workspace)
+    expected = logged_losses(next(reference.glob('2*_*')))
+
+    work_dir = workspace / 'work_dirs' / 'killed'
+    proc = subprocess.Popen(train_command(work_dir, max_iters), cwd=workspace,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while last_checkpoint_iter(work_dir) < 2:
+        assert proc.poll() is None, 'training ended before it could be killed'
+        assert time.monotonic() < deadline, 'no checkpoint after 300 s'
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = last_checkpoint_iter(work_dir)
+    assert 2 <= killed_at < max_iters
+    partial = work_dir / f'iter_{killed_at + 1}.pth'
+    if not partial.exists():  # what a kill during the next save leaves
+        partial.write_bytes((work_dir / f'iter_{killed_at}.pth').read_bytes()[:4096])
+
+    earlier_runs = set(work_dir.glob('2*_*'))
+    output = run_train(work_dir, max_iters, '--resume', cwd=workspace)
+    assert f'resumed epoch: 0, iter: {killed_at}' in output
+    (run_dir,) = set(work_dir.glob('2*_*')) - earlier_runs
+    resumed = logged_losses(run_dir)
+    assert sorted(resumed) == list(range(killed_at + 1, max_iters + 1))
+    assert [resumed[i] for i in sorted(resumed)] == pytest.approx(
+        [expected[i] for i in sorted(resumed)], rel=1e-6)
 
 
 TRAIN_ANNOTATIONS = 'annotations/instances_train2017.json'
