@@ -1,11 +1,12 @@
-"""Reliability on the tiny synthetic set: a killed run resumes exactly, and bad data
-stops training with the file and the problem named.
+"""Reliability on the tiny synthetic set: a killed run resumes exactly, multi-scale
+training stays finite, and bad data stops training with the file and the problem named.
 
 Each test works in a temporary folder where the tiny config finds its data
 (``data/synthetic_coco_tiny/``); ``tools/train.py`` runs as a subprocess there, as a
 user runs it (see ``test_tools.py``).
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from typing import Dict, List
 
 import pytest
 from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.datasets import generate_synthetic_coco
@@ -111,6 +114,42 @@ def test_run_killed_mid_training_resumes_at_its_last_checkpoint_with_the_same_lo
     assert sorted(resumed) == list(range(killed_at + 1, max_iters + 1))
     assert [resumed[i] for i in sorted(resumed)] == pytest.approx(
         [expected[i] for i in sorted(resumed)], rel=1e-6)
+
+
+class SBPMaskRows(Hook):
+    """Records the rows of the SBP base mask of every training iteration."""
+
+    def __init__(self) -> None:
+        self.rows: List[int] = []
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self.rows.append(len(runner.model.backbone.sbp_iteration.base_mask))
+
+
+def test_multi_scale_training_with_sbp_stays_finite(workspace: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every image resized to its own random scale: batches of different padded
+    sizes, each padded from images of different sizes, train with SBP."""
+    monkeypatch.chdir(workspace)
+    cfg = Config.fromfile(str(TINY_SBP))
+    cfg.work_dir = str(workspace / 'work_dirs' / 'multi_scale')
+    cfg.randomness = dict(seed=0)
+    cfg.train_dataloader.dataset.pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='RandomResize', scale=cfg.img_scale, ratio_range=(0.5, 2.0), keep_ratio=True),
+        dict(type='PackDetInputs'),
+    ]
+    cfg.train_cfg.max_iters = 6
+    cfg.default_hooks.checkpoint.interval = 100
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    runner = Runner.from_cfg(cfg)
+    mask_rows = SBPMaskRows()
+    runner.register_hook(mask_rows)
+    runner.train()
+    losses = runner.message_hub.get_scalar('train/loss').data[0]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert len(set(mask_rows.rows)) > 1, mask_rows.rows  # several padded heights
 
 
 TRAIN_ANNOTATIONS = 'annotations/instances_train2017.json'
