@@ -7,6 +7,7 @@ from mmdet.models.backbones import ResNet
 from mmdet.models.necks import FPN
 from mmengine.config import Config
 from mmengine.hub import get_config
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP
@@ -31,7 +32,7 @@ def add_reference_hooks(modules, iteration, image_height):
     handles = []
     for module in modules:
         for child in module.modules():
-            if isinstance(child, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or child is module:
+            if isinstance(child, (torch.nn.Conv2d, _BatchNorm)) or child is module:
                 handles.append(child.register_forward_hook(hook))
     return handles
 
@@ -60,7 +61,7 @@ def resnet_pair(depth, **kwargs):
     torch.manual_seed(0)
     sbp = ResNetSBP(depth=depth, sbp=kwargs.pop('sbp', None), **kwargs)
     for m in sbp.modules():  # non-trivial BN so that gradients are informative
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, _BatchNorm):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.uniform_(m.bias, -0.2, 0.2)
     dense = ResNet(depth=depth, **kwargs)
@@ -70,14 +71,9 @@ def resnet_pair(depth, **kwargs):
     return sbp, dense
 
 
-@pytest.mark.parametrize('depth', [18, 50])
-@pytest.mark.parametrize('norm_eval', [False, True])
-@pytest.mark.parametrize('size', [(64, 96), (61, 45), (33, 40)])
-def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(depth, norm_eval,
-                                                                           size):
-    sbp, dense = resnet_pair(depth, norm_eval=norm_eval, frozen_stages=-1,
-                             sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0)))
-    x = torch.rand(2, 3, *size)
+def assert_resnet_matches_reference(sbp, dense, x):
+    """``sbp(x)`` equals ``dense(x)``; its gradients equal those of ``dense`` with
+    the reference masks of SBP's iteration."""
     outs = sbp(x)
     iteration = sbp.sbp_iteration
     assert iteration is not None
@@ -89,6 +85,28 @@ def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(dept
     for o, r in zip(outs, ref_outs):
         torch.testing.assert_close(o, r)
     assert_grads_match(sbp, dense)
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+@pytest.mark.parametrize('norm_eval', [False, True])
+@pytest.mark.parametrize('size', [(64, 96), (61, 45), (33, 40)])
+def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(depth, norm_eval,
+                                                                           size):
+    sbp, dense = resnet_pair(depth, norm_eval=norm_eval, frozen_stages=-1,
+                             sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0)))
+    assert_resnet_matches_reference(sbp, dense, torch.rand(2, 3, *size))
+
+
+def test_syncbn_runs_sbp_with_norm_eval_and_is_refused_in_train_mode():
+    sbp, dense = resnet_pair(18, norm_cfg=dict(type='SyncBN'), norm_eval=True, frozen_stages=-1,
+                             sbp=dict(keep_ratio=0.5, sampling='random'))
+    assert sbp.sbp_active()
+    assert_resnet_matches_reference(sbp, dense, torch.rand(2, 3, 64, 64))
+    sbp.norm_eval = False
+    sbp.train()
+    with pytest.raises(NotImplementedError,
+                       match='SyncBN in train mode is not supported.*use BN, or norm_eval=True'):
+        sbp(torch.rand(2, 3, 64, 64))
 
 
 def test_r_equal_one_and_eval_mode_are_plain_resnet():
@@ -135,14 +153,22 @@ def test_default_stages_follow_the_paper_and_skip_frozen_stages():
     (dict(sbp=dict(keep_ratio=0)), 'keep_ratio must be in'),
     (dict(sbp=dict(sampling='diag')), 'sampling must be one of'),
     (dict(sbp=dict(keep_rate=0.5)), "unknown key\\(s\\) \\['keep_rate'\\]"),
-    (dict(avg_down=True), 'avg_down=True'),
-    (dict(norm_cfg=dict(type='GN', num_groups=8)), 'BatchNorm'),
+    (dict(avg_down=True), 'layer1.0: .*avg_down=True'),
+    (dict(norm_cfg=dict(type='GN', num_groups=8)),
+     'layer1.0.downsample: SBP supports BatchNorm .*got GroupNorm'),
     (dict(dcn=dict(type='DCN', deform_groups=1), stage_with_dcn=(False, True, False, False)),
-     'DCN'),
+     'layer2.0: SBP does not support DCN'),
 ])
 def test_bad_backbone_configs_are_refused_clearly(kwargs, error):
     with pytest.raises((ValueError, TypeError, KeyError), match=error):
         ResNetSBP(depth=50, **kwargs)
+
+
+def test_fpn_sbp_refuses_group_norm_naming_the_layer():
+    with pytest.raises(TypeError, match=r'FPNSBP\.lateral_convs\.0: SBP supports BatchNorm .*'
+                                        'got GroupNorm'):
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2,
+               norm_cfg=dict(type='GN', num_groups=8))
 
 
 @pytest.mark.parametrize('config', ['configs/faster_rcnn_r50_sbp.py',

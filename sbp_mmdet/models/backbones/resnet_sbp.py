@@ -37,8 +37,9 @@ class _SBPBlockMixin:
 
     sbp_state: Optional[SBPState] = None
 
-    def sbp_program(self) -> SBPProgram:
-        where = type(self).__name__
+    def sbp_program(self, where: Optional[str] = None) -> SBPProgram:
+        """The block as an SBP program; ``where`` names the block in errors."""
+        where = where or type(self).__name__
         _check_block(self, where)
         shortcut, residual = _downsample_unit(self, where)
         *body, last = self._main_units()
@@ -128,7 +129,8 @@ class ResNetSBP(SBPModuleMixin, ResNet):
             layer = getattr(self, self.res_layers[i])
             for j, enabled in enumerate(switches):
                 if enabled:
-                    layer[j].sbp_program()  # fail at build time on unsupported layers
+                    # fail at build time on unsupported layers, naming them
+                    layer[j].sbp_program(f'ResNetSBP.{self.res_layers[i]}.{j}')
         self.stage_strides = self._stage_strides()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=STEM_STRIDE)

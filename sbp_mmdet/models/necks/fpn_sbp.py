@@ -27,11 +27,11 @@ class SBPConvModule(ConvModule):
         if type(module) is not ConvModule:
             raise TypeError(f'{where}: expected a ConvModule, got {type(module).__name__}')
         module.__class__ = cls
-        module.sbp_program()  # fail at build time on unsupported layers
+        module.sbp_program(where)  # fail at build time on unsupported layers
         return module
 
-    def sbp_program(self) -> SBPProgram:
-        where = f'{type(self).__name__}'
+    def sbp_program(self, where: str = 'SBPConvModule') -> SBPProgram:
+        """The layer as an SBP unit; ``where`` names it in errors."""
         if self.order != ('conv', 'norm', 'act') or self.with_explicit_padding:
             raise TypeError(f'{where}: SBP needs order conv-norm-act and zero padding')
         if self.with_activation and not isinstance(self.activate, nn.ReLU):
