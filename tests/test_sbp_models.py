@@ -89,7 +89,11 @@ def assert_resnet_matches_reference(sbp, dense, x):
 
 @pytest.mark.parametrize('depth', [18, 50])
 @pytest.mark.parametrize('norm_eval', [False, True])
-@pytest.mark.parametrize('size', [(64, 96), (61, 45), (33, 40)])
+@pytest.mark.parametrize('size', [
+    (64, 96), (61, 45), (33, 40),
+    (32, 448), (448, 32),  # extreme aspect ratios
+    (20, 28),  # the stride-32 map is 1x1
+])
 def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(depth, norm_eval,
                                                                            size):
     sbp, dense = resnet_pair(depth, norm_eval=norm_eval, frozen_stages=-1,
@@ -212,13 +216,29 @@ def total_loss(model, data, seed=1):
                for k, v in losses.items() if 'loss' in k)
 
 
-@pytest.mark.parametrize('size', [(96, 128), (80, 72)])
-def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(size):
-    from sbp_mmdet.benchmark import detector_batch
+def preprocessed_batch(model, shapes):
+    """Random images of ``shapes`` (height, width) with boxes, batched (padded to a
+    multiple of 32) by the model's ``DetDataPreprocessor``."""
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    packed = demo_mm_inputs(batch_size=len(shapes), image_shapes=[(3, h, w) for h, w in shapes],
+                            num_items=[8] * len(shapes), num_classes=3)
+    data = model.data_preprocessor(packed, True)
+    padded = [32 * math.ceil(max(size) / 32) for size in zip(*shapes)]
+    assert list(data['inputs'].shape[2:]) == padded
+    return data
+
+
+@pytest.mark.parametrize('shapes', [
+    [(96, 128)] * 2, [(80, 72)] * 2,
+    [(37, 53), (61, 29)],  # padded to one size
+    [(32, 448)] * 2, [(448, 32)] * 2,  # extreme aspect ratios
+])
+def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
     sbp_model = build_detector(small_faster_rcnn_cfg(True))
     dense = build_detector(small_faster_rcnn_cfg(False))
     dense.load_state_dict(sbp_model.state_dict())
-    data = detector_batch(sbp_model, 2, *size, num_classes=3)
+    data = preprocessed_batch(sbp_model, shapes)
     loss = total_loss(sbp_model, data)
     iteration = sbp_model.backbone.sbp_iteration
     assert iteration.base_stride == 16
