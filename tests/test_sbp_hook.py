@@ -124,7 +124,9 @@ def test_same_seed_same_losses_and_resume_continues_them(tiny_workspace, monkeyp
 
 @pytest.mark.slow
 def test_sbp_training_is_finite_and_the_loss_decreases(tiny_workspace, monkeypatch):
+    """200 SBP iterations (about 3 minutes on one CPU thread): no NaN or Inf, and the
+    mean loss of the last 20 iterations is well below that of the first 20."""
     monkeypatch.chdir(tiny_workspace)
-    losses = _train(TINY_SBP, tiny_workspace / 'long', 60, checkpoint_interval=60)
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+    losses = _train(TINY_SBP, tiny_workspace / 'long', 200, checkpoint_interval=200)
+    assert len(losses) == 200 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-20:]) < 0.8 * sum(losses[:20])
