@@ -25,6 +25,7 @@ from mmengine.runner import Runner
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.datasets import generate_synthetic_coco
 from sbp_mmdet.utils import AnnotationFileError, check_dataset
+from sbp_mmdet.utils import dataset_check
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SBP = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
@@ -172,6 +173,17 @@ def test_bad_annotation_file_is_named_with_its_problem(workspace_copy: Path,
     message = str(error.value)
     assert f'{TINY_CFG.data_root}{TRAIN_ANNOTATIONS} (train_dataloader)' in message
     assert problem in message
+
+
+def test_annotation_files_above_the_size_limit_are_left_to_the_dataset(
+        workspace_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations = workspace_copy / TINY_CFG.data_root / TRAIN_ANNOTATIONS
+    annotations.write_text('[]')
+    monkeypatch.chdir(workspace_copy)
+    with pytest.raises(AnnotationFileError):
+        check_dataset(TINY_CFG, ['train_dataloader'])
+    monkeypatch.setattr(dataset_check, 'MAX_CHECKED_ANN_BYTES', 1)
+    check_dataset(TINY_CFG, ['train_dataloader'])  # not parsed a second time
 
 
 def test_train_with_an_empty_dataset_stops_before_training(workspace_copy: Path) -> None:
