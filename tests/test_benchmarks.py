@@ -149,3 +149,19 @@ def test_grad_fidelity_tool_refuses_keep_ratios_outside_0_1():
          str(TINY_SBP_CONFIG), '--keep-ratios', '0.5', '1.0'],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and '--keep-ratios must lie in (0, 1)' in proc.stderr
+
+
+def test_accuracy_variants_become_config_options():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.variant_options('dense') == ['model.backbone.sbp.keep_ratio=1.0']
+    assert tool.variant_options('sbp@0.25:random:stages=0110:cell=4:inverse_keep') == [
+        'model.backbone.sbp.keep_ratio=0.25', 'model.backbone.sbp.sampling=random',
+        'model.backbone.sbp.stages=(False,True,True,False,)', 'model.backbone.sbp.grid_cell=4',
+        'model.backbone.sbp.grad_scale=inverse_keep', 'model.neck.sbp.grad_scale=inverse_keep']
+    for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
+        with pytest.raises(ValueError, match='variant'):
+            tool.variant_options(bad)

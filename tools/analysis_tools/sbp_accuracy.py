@@ -3,8 +3,10 @@
 For each variant and seed this runs ``tools/train.py`` then ``tools/test.py``
 (the real COCO evaluator) and reports bbox mAP mean and spread per variant,
 with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
-``:random`` (random instead of grid sampling) and ``:stages=0110`` (which
-backbone stages use SBP) suffixes, e.g. ``sbp@0.5:random``.
+``:random`` (random instead of grid sampling), ``:stages=0110`` (which
+backbone stages use SBP), ``:cell=4`` (grid cell rows) and ``:inverse_keep``
+(gradients scaled by 1/keep ratio in backbone and neck) suffixes, e.g.
+``sbp@0.5:random``.
 
 Example::
 
@@ -51,7 +53,8 @@ def variant_options(name: str) -> List[str]:
         # dense path) with the same modules and initial weights as the SBP variants
         return ['model.backbone.sbp.keep_ratio=1.0']
     if not head.startswith('sbp@'):
-        raise ValueError(f'unknown variant {name!r}: use dense or sbp@R[:random][:stages=0110]')
+        raise ValueError(f'unknown variant {name!r}: use dense or '
+                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -59,6 +62,10 @@ def variant_options(name: str) -> List[str]:
         elif suffix.startswith('stages='):
             flags = ','.join('True' if c == '1' else 'False' for c in suffix[7:])
             opts.append(f'model.backbone.sbp.stages=({flags},)')
+        elif suffix.startswith('cell='):
+            opts.append(f'model.backbone.sbp.grid_cell={int(suffix[5:])}')
+        elif suffix == 'inverse_keep':
+            opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in ('backbone', 'neck')]
         else:
             raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
     return opts
