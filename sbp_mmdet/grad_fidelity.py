@@ -13,6 +13,8 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from .hooks import SBPHook
+
 BACKBONE_STEM = ('conv1', 'bn1', 'stem')
 
 
@@ -48,15 +50,10 @@ def compare_gradients(reference: Dict[str, Tensor],
     return out
 
 
-def sbp_modules(model: nn.Module) -> List[nn.Module]:
-    """The SBP backbone/neck modules of a detector (those with a mask sampler)."""
-    return [m for m in model.modules() if hasattr(m, 'mask_sampler')]
-
-
 def gradients_at(model: nn.Module, data: dict, keep_ratio: float, step: int,
                  seed: int) -> Dict[str, Tensor]:
     """Group gradients of one train-mode loss at ``keep_ratio`` on ``data``."""
-    for module in sbp_modules(model):
+    for module in SBPHook.sbp_modules(model):
         module.keep_ratio = keep_ratio
         module.mask_sampler.step = step
     torch.manual_seed(seed)
@@ -78,7 +75,7 @@ def gradient_fidelity(model: nn.Module, batches: Iterable[dict], keep_ratios: Se
         seed: seeds the samplers of batch ``i`` with ``seed + i``.
         on_batch: called after each batch (progress).
     """
-    if not sbp_modules(model):
+    if not SBPHook.sbp_modules(model):
         raise ValueError('gradient fidelity needs a detector with SBP modules '
                          '(ResNetSBP/FPNSBP)')
     sums: Dict[float, Dict[str, Dict[str, float]]] = {r: {} for r in keep_ratios}

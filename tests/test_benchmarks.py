@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_DATA_CFG
 from sbp_mmdet.benchmark import Variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,19 +16,26 @@ SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic
 TINY_SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
 
 
-def tiny_dataset_options(tmp_path: Path) -> list:
-    """``--cfg-options`` pointing the tiny config at a small synthetic set in ``tmp_path``."""
-    from mmengine.config import Config
-
-    from sbp_mmdet.datasets import generate_synthetic_coco
-    cfg = Config.fromfile(str(TINY_SBP_CONFIG))
-    root = tmp_path / 'data'
-    generate_synthetic_coco(str(root), num_train=8, num_val=4, img_size=cfg.img_scale[0],
-                            progress=False)
+def tiny_dataset_options(workspace: Path) -> list:
+    """``--cfg-options`` pointing the tiny config at the tiny dataset in ``workspace``."""
+    root = workspace / TINY_DATA_CFG.data_root
     ann = str(root / 'annotations' / 'instances_val2017.json')
     data = [f'{loader}.dataset.data_root={root}/' for loader in
             ('train_dataloader', 'val_dataloader', 'test_dataloader')]
     return data + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+
+
+def run_accuracy_tool(tmp_path: Path, workspace: Path, *args: str) -> dict:
+    """Run sbp_accuracy.py on the tiny config; its ``accuracy.json``."""
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py'),
+         str(TINY_SBP_CONFIG), *args, '--seeds', '0', '--iters', '2',
+         '--work-dir', str(tmp_path / 'work'), '--out-dir', str(out),
+         '--cfg-options', *tiny_dataset_options(workspace)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / 'accuracy.json').read_text())
 
 
 def test_variants_parse_and_turn_the_config_dense_or_sbp():
@@ -69,17 +77,8 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     assert (out / 'sbp_vs_keep_ratio.png').stat().st_size > 1000
 
 
-def test_accuracy_study_trains_evaluates_and_summarises(tmp_path):
-    data = tiny_dataset_options(tmp_path)
-    tiny = TINY_SBP_CONFIG
-    out = tmp_path / 'out'
-    proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py'), str(tiny),
-         '--variants', 'dense', 'sbp@0.5:random', '--seeds', '0', '--iters', '2',
-         '--work-dir', str(tmp_path / 'work'), '--out-dir', str(out), '--cfg-options', *data],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / 'accuracy.json').read_text())
+def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
+    result = run_accuracy_tool(tmp_path, workspace, '--variants', 'dense', 'sbp@0.5:random')
     assert [r['variant'] for r in result['summary']] == ['dense', 'sbp@0.5:random']
     assert all(0.0 <= r['bbox_mAP'] <= 1.0 for r in result['runs'])  # COCOeval's figure
     assert result['summary'][0]['mAP_points_vs_dense'] == 0.0
@@ -87,13 +86,7 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path):
     # --reuse takes finished runs from their work dirs instead of training them again
     work_files = sorted((tmp_path / 'work').rglob('*.pth'))
     mtimes = [p.stat().st_mtime for p in work_files]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py'), str(tiny),
-         '--variants', 'sbp@0.5:random', '--seeds', '0', '--iters', '2', '--reuse',
-         '--work-dir', str(tmp_path / 'work'), '--out-dir', str(out), '--cfg-options', *data],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reused = json.loads((out / 'accuracy.json').read_text())
+    reused = run_accuracy_tool(tmp_path, workspace, '--variants', 'sbp@0.5:random', '--reuse')
     assert reused['runs'] == result['runs'][1:]
     assert [p.stat().st_mtime for p in sorted((tmp_path / 'work').rglob('*.pth'))] == mtimes
 
@@ -125,12 +118,12 @@ def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
         assert 0.0 < half[stage]['cosine'] < 0.99  # gradients from kept rows only
 
 
-def test_grad_fidelity_tool_writes_table_json_csv_and_plot(tmp_path):
+def test_grad_fidelity_tool_writes_table_json_csv_and_plot(tmp_path, workspace):
     out = tmp_path / 'fidelity'
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_grad_fidelity.py'),
          str(TINY_SBP_CONFIG), '--keep-ratios', '0.25', '0.5', '--iters', '1',
-         '--out-dir', str(out), '--cfg-options', *tiny_dataset_options(tmp_path)],
+         '--out-dir', str(out), '--cfg-options', *tiny_dataset_options(workspace)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / 'grad_fidelity.json').read_text())

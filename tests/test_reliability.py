@@ -23,22 +23,12 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.datasets import generate_synthetic_coco
 from sbp_mmdet.utils import AnnotationFileError, check_dataset
 from sbp_mmdet.utils import dataset_check
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SBP = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
 TINY_CFG = Config.fromfile(str(TINY_SBP))
-
-
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding the tiny dataset where the tiny config expects it."""
-    root = tmp_path_factory.mktemp('reliability')
-    generate_synthetic_coco(str(root / TINY_CFG.data_root), num_train=8, num_val=4,
-                            img_size=TINY_CFG.img_scale[0], progress=False)
-    return root
 
 
 @pytest.fixture

@@ -41,15 +41,6 @@ def logged_metrics(work_dir: Path) -> dict:
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding the tiny dataset where the tiny config expects it."""
-    root = tmp_path_factory.mktemp('workspace')
-    generate_synthetic_coco(str(root / TINY_CFG.data_root), num_train=8, num_val=4,
-                            img_size=TINY_CFG.img_scale[0], progress=False)
-    return root
-
-
-@pytest.fixture(scope='module')
 def trained(workspace: Path) -> Path:
     """The work dir of a finished tiny training run."""
     run_tool('train.py', [TINY, '--work-dir', 'work_dirs/tiny'], workspace)
