@@ -1,6 +1,5 @@
 """Building blocks of the SBP benchmarks: variants, synthetic batches, one measured run."""
 import copy
-from contextlib import nullcontext
 import resource
 import statistics
 import time
@@ -10,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from mmengine.config import Config
 
+from .amp import cpu_autocast_fallbacks
 from .sbp import SavedTensorMeter
 
 SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN'}
@@ -24,7 +24,9 @@ class Variant:
         keep_ratio: SBP keep ratio, or None for the dense modules.
         with_cp: mmdet's gradient checkpointing in the backbone.
         recompute: SBP's recompute switch.
-        amp: bf16/fp16 autocast (CUDA only).
+        amp: mixed precision: ``torch.autocast`` in fp16 on CUDA, in bf16 on
+            the CPU (with ``cpu_autocast_fallbacks``: the RPN's proposal step
+            and RoIAlign in fp32, as the CUDA path effectively runs them).
     """
 
     name: str
@@ -35,7 +37,8 @@ class Variant:
 
     @classmethod
     def parse(cls, name: str) -> 'Variant':
-        """``dense``, ``with_cp``, ``amp``, ``sbp@R`` with ``+cp``/``+recompute``/``+amp``."""
+        """``dense``, ``with_cp``, ``amp`` (dense in mixed precision) or ``sbp@R``, each
+        with ``+cp``/``+recompute``/``+amp`` flags, e.g. ``sbp@0.5+cp+amp``."""
         head, *flags = name.split('+')
         unknown = set(flags) - {'cp', 'recompute', 'amp'}
         if unknown:
@@ -51,6 +54,17 @@ class Variant:
             raise ValueError(f'unknown variant {name!r}: use dense, with_cp, amp or sbp@R[+cp]'
                              '[+recompute][+amp]')
         return cls(name, keep, 'cp' in flags, 'recompute' in flags, 'amp' in flags)
+
+    @property
+    def is_dense(self) -> bool:
+        """Plain backprop without checkpointing: the reference of its precision."""
+        return self.keep_ratio is None and not self.with_cp
+
+    def precision(self, device: str) -> str:
+        """``'fp32'``, or the autocast dtype on ``device`` (``'fp16'``/``'bf16'``)."""
+        if not self.amp:
+            return 'fp32'
+        return 'fp16' if device.startswith('cuda') else 'bf16'
 
     def apply(self, model_cfg: dict) -> dict:
         """A copy of ``model_cfg`` (with SBP modules) turned into this variant."""
@@ -77,6 +91,7 @@ class Measurement:
     """What one variant measured."""
 
     variant: str
+    precision: str
     saved_mib: float
     saved_by_component_mib: Dict[str, float]
     forward_s: List[float] = field(default_factory=list)
@@ -106,8 +121,8 @@ def detector_batch(model, batch_size: int, height: int, width: int, num_classes:
 
 def model_components(model) -> Dict[str, torch.nn.Module]:
     names = ('backbone', 'neck', 'rpn_head', 'roi_head', 'bbox_head')
-    return {n: getattr(model, n) for n in names if isinstance(getattr(model, n, None),
-                                                                torch.nn.Module)}
+    return {n: getattr(model, n) for n in names
+            if isinstance(getattr(model, n, None), torch.nn.Module)}
 
 
 def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
@@ -125,20 +140,22 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     data = detector_batch(model, batch_size, height, width, num_classes, seed)
     data = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.items()}
     data['data_samples'] = [s.to(device) for s in data['data_samples']]
-    autocast = torch.autocast(device, dtype=torch.float16) if variant.amp else nullcontext()
+    precision = variant.precision(device)
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
+    autocast = torch.autocast(device.split(':')[0], dtype=dtype, enabled=dtype is not None)
 
     meter = SavedTensorMeter(model, model_components(model))
-    with meter.measure(), autocast:
+    with meter.measure(), cpu_autocast_fallbacks(model), autocast:
         losses = model(**data, mode='loss')
     del losses
-    result = Measurement(variant.name, meter.mebibytes,
+    result = Measurement(variant.name, precision, meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()})
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps if steps else 0):
         model.zero_grad(set_to_none=True)
         t0 = _now(device)
-        with autocast:
+        with cpu_autocast_fallbacks(model), autocast:
             losses = model(**data, mode='loss')
         loss = sum(v.sum() for k, v in _flat_losses(losses) if 'loss' in k)
         t1 = _now(device)
@@ -183,4 +200,3 @@ def _now(device: str) -> float:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
     return time.perf_counter()
-

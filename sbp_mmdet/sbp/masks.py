@@ -144,21 +144,23 @@ class SBPIteration:
             fractions[stride] = len(rows) / max(height, 1)
         return fractions
 
-    def pack(self, tensor: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
-        """Rows ``rows`` of ``tensor``, stored once per feature map.
+    def pack(self, tensor: Tensor, rows: Tensor,
+             dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+        """Rows ``rows`` of ``tensor`` in ``dtype``, stored once per feature map.
 
         Returns ``(data, stored_rows)`` with ``data = tensor[:, :, stored_rows]``
-        and ``stored_rows`` a superset of ``rows``: when an SBP layer already
-        packed more rows of the same map (a block's input with its halo), the
-        next reader (the FPN lateral on the same stage output) shares that copy
-        instead of storing its rows again.
+        (cast to ``dtype``, default the tensor's) and ``stored_rows`` a superset
+        of ``rows``: when an SBP layer already packed more rows of the same map
+        (a block's input with its halo), the next reader (the FPN lateral on the
+        same stage output) shares that copy instead of storing its rows again.
         """
+        dtype = dtype or tensor.dtype
         for key, (tensor_ref, data_ref, stored_rows) in self._packs.get(id(tensor), {}).items():
             data = data_ref()
-            if tensor_ref() is tensor and data is not None and (
+            if tensor_ref() is tensor and data is not None and data.dtype == dtype and (
                     stored_rows is rows or torch.isin(rows, stored_rows).all()):
                 return data, stored_rows
-        data = gather_rows(tensor, rows)
+        data = gather_rows(tensor, rows).to(dtype)
         # The references are weak: the autograd nodes that save ``data`` own
         # it, so it is freed with them after backward.
         self._packs.setdefault(id(tensor), {})[id(rows)] = (

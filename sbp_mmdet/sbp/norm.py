@@ -13,7 +13,9 @@ Its values at dropped rows are discarded, which is SBP's definition of the
 unit (conv, norm and activation drop the same rows). In eval mode (and with
 ``norm_eval=True``) the statistics are constants and the formula reduces to
 ``dz = gamma * invstd * g``. Both use PyTorch's fused BatchNorm kernels; the
-train-mode statistics term is one extra fused pass.
+train-mode statistics term is one extra fused pass. Under mixed precision ``z``
+and ``g`` are half precision while statistics, affine parameters and their
+gradients stay fp32 (the kernels' mixed-type mode, as autocast runs BatchNorm).
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -39,7 +41,9 @@ class NormStats:
         """The statistics ``norm`` applies to ``z`` in its current mode."""
         count = z.numel() // z.shape[1]
         if norm.training or norm.running_mean is None:
-            var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+            # fp32 statistics for half-precision maps, as the BatchNorm kernels keep them
+            half = z.dtype in (torch.float16, torch.bfloat16)
+            var, mean = torch.var_mean(z.float() if half else z, dim=(0, 2, 3), unbiased=False)
             return cls(mean, var, norm.eps, count, True)
         return cls(norm.running_mean.clone(), norm.running_var.clone(), norm.eps, count, False)
 

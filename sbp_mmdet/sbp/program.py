@@ -19,6 +19,15 @@ consumers read, through ``SBPIteration.pack`` so that a map read by several
 SBP layers is stored once. With ``recompute=True`` only the units that feed a
 k x k convolution keep their ``z``; the others are recomputed in backward on
 the kept rows (SBP combined with checkpointing on the kept region).
+
+Mixed precision: under ``torch.autocast`` a program runs the way autocast runs
+the dense layers. Convolutions compute in the autocast dtype (fp16 on CUDA,
+bf16 on the CPU) and what is stored (packed inputs, pre-norm conv outputs) is
+in that dtype; BatchNorm statistics are kept in fp32 and its affine math and
+backward run in fp32 on the half-precision rows (PyTorch's mixed-type BatchNorm
+kernels); parameter gradients come back in the parameters' dtype. The
+backward pass uses the dtype of its forward, whatever autocast state it runs
+in.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -98,26 +107,29 @@ class SBPProgram:
                     f'SBP unit {unit.name!r}: SyncBN in train mode is not supported (its '
                     'statistics gradient needs a cross-rank reduction); use BN, or '
                     'norm_eval=True as the standard COCO configs do')
-        run = _Run(self, iteration, stride, recompute, grad_scale)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Under mixed precision SBP units run in fp32: their backward mixes
-            # saved activations and weights, which must share a dtype.
-            with torch.autocast(device, enabled=False):
-                return _SBPFunction.apply(run, x.float(), *self.parameters())
+        run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x))
         return _SBPFunction.apply(run, x, *self.parameters())
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a convolution on ``x`` computes in: autocast's when it is on."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class _Run:
     """One call of a program: plans rows, stores what backward needs."""
 
     def __init__(self, program: SBPProgram, iteration: SBPIteration, stride: int,
-                 recompute: bool, grad_scale: str) -> None:
+                 recompute: bool, grad_scale: str, dtype: torch.dtype) -> None:
         self.program = program
         self.iteration = iteration
         self.in_stride = stride
         self.recompute = recompute
         self.grad_scale = grad_scale
+        self.dtype = dtype
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -142,9 +154,10 @@ class _Run:
             self.heights[unit.name] = out.shape[2]
             self.strides[unit.name] = self.strides[unit.source] * unit.conv.stride[0]
         self.shape = x.shape
+        self.input_dtype = x.dtype
         self.needs_input_grad = x.requires_grad
         self._plan()
-        packed_input, self.input_rows = self.iteration.pack(x, self.input_rows)
+        packed_input, self.input_rows = self.iteration.pack(x, self.input_rows, self.dtype)
         self.to_save = [packed_input] + [
             gather_rows(convs[name], rows) for name, rows in self.stored_rows.items()]
         return values[self.program.output]
@@ -193,16 +206,20 @@ class _Run:
         conv_out = dict(self.saved)
         for unit in units:  # recompute what was not stored, in program order
             if unit.name not in conv_out and unit.name in self.conv_rows:
+                rows = self.conv_rows[unit.name]
                 source = self._value(unit.source, conv_out, self._source_rows(unit))
-                conv_out[unit.name] = Packed(conv_rows(unit.conv, source, self.conv_rows[unit.name]),
-                                             self.conv_rows[unit.name], self.heights[unit.name])
+                conv_out[unit.name] = Packed(conv_rows(unit.conv, source, rows), rows,
+                                             self.heights[unit.name])
         grads: Dict[str, Tensor] = {self.program.output: gather_rows(
-            grad_output, self.kept[self.program.output])}
-        grad_input = grad_output.new_zeros(self.shape) if self.needs_input_grad else None
+            grad_output.to(self.dtype), self.kept[self.program.output])}
+        grad_input = grad_output.new_zeros(self.shape, dtype=self.dtype) \
+            if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(units):
             param_grads[:0] = self._unit_backward(unit, conv_out, grads, grad_input)
-        return grad_input, param_grads
+        param_grads = [None if g is None else g.to(p.dtype)
+                       for g, p in zip(param_grads, self.program.parameters())]
+        return None if grad_input is None else grad_input.to(self.input_dtype), param_grads
 
     def _source_rows(self, unit: ConvUnit) -> Tensor:
         return RowGeometry.of(unit.conv).input_rows(self.conv_rows[unit.name],

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
 def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
     """``data[:, :, positions]`` (one indexing op; ``data`` itself for all rows)."""
     if len(positions) == data.shape[2] and bool((positions == torch.arange(len(positions))).all()):
@@ -150,22 +151,29 @@ def _conv_args(conv: nn.Conv2d, row_stride: int) -> dict:
                 dilation=list(conv.dilation), groups=conv.groups)
 
 
+def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """The conv's weight and bias in ``dtype`` (the packed rows' dtype: autocast's
+    half-precision copies under mixed precision, the parameters themselves otherwise)."""
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return conv.weight.to(dtype), bias
+
+
 def conv_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor) -> Tensor:
     """``conv(x)[:, :, out_rows]`` computed from the packed rows ``src`` of x."""
     geom = RowGeometry.of(conv)
     n = src.data.shape[0]
+    weight, bias = _weights(conv, src.data.dtype)
     if geom.kernel == 1:
         args = _conv_args(conv, 1)
-        return F.conv2d(src.take(out_rows * geom.stride - geom.padding), conv.weight, conv.bias,
+        return F.conv2d(src.take(out_rows * geom.stride - geom.padding), weight, bias,
                         args['stride'], args['padding'], args['dilation'], args['groups'])
     args = _conv_args(conv, geom.stride)
     out = None
     for first, out_pos in geom.bands(out_rows):
         t = len(out_pos) // len(first)
         length = (t - 1) * geom.stride + geom.span
-        res = F.conv2d(_band_batch(src, first * geom.stride - geom.padding, length), conv.weight,
-                       conv.bias, args['stride'], args['padding'], args['dilation'],
-                       args['groups'])
+        res = F.conv2d(_band_batch(src, first * geom.stride - geom.padding, length), weight,
+                       bias, args['stride'], args['padding'], args['dilation'], args['groups'])
         if out is None:
             out = res.new_empty(n, res.shape[1], len(out_rows), res.shape[3])
         out[:, :, out_pos.to(out.device)] = _unband(res, n)
@@ -183,10 +191,12 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         need_input: whether to compute the input gradient.
 
     Returns:
-        ``(grad_input, grad_weight, grad_bias)``; ``grad_input`` is packed at
-        ``src.rows``. Entries whose tensors do not need gradients are None.
+        ``(grad_input, grad_weight, grad_bias)`` in the dtype of ``src``;
+        ``grad_input`` is packed at ``src.rows``. Entries whose tensors do not
+        need gradients are None.
     """
     geom = RowGeometry.of(conv)
+    weight, _ = _weights(conv, src.data.dtype)
     mask = [need_input, conv.weight.requires_grad,
             conv.bias is not None and conv.bias.requires_grad]
     bias_sizes = [conv.weight.shape[0]] if mask[2] else None
@@ -194,7 +204,7 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         in_rows = out_rows * geom.stride - geom.padding
         args = _conv_args(conv, 1)
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            grad_out, src.take(in_rows), conv.weight, bias_sizes, args['stride'],
+            grad_out, src.take(in_rows), weight, bias_sizes, args['stride'],
             args['padding'], args['dilation'], False, [0, 0], args['groups'], mask)
         grad_in = None
         if need_input and len(in_rows) == len(src.rows) and torch.equal(in_rows, src.rows):
@@ -215,7 +225,7 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         first_in = first * geom.stride - geom.padding
         bands = _band_batch(src, first_in, (t - 1) * geom.stride + geom.span)
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            _band_rows(grad_out, out_pos, count), bands, conv.weight, bias_sizes,
+            _band_rows(grad_out, out_pos, count), bands, weight, bias_sizes,
             args['stride'], args['padding'], args['dilation'], False, [0, 0], args['groups'],
             mask)
         if need_input:

@@ -4,6 +4,10 @@ Each variant runs in its own process (so the CPU peak RSS is its own), on the
 same synthetic batch and random init, and reports the bytes saved for
 backward (device independent, split by component), peak memory and the
 median forward/backward/step time over ``--steps`` steps after warm-up.
+Ratios ("vs dense") compare each variant with the dense variant of the same
+precision: ``dense`` for fp32 rows, ``amp`` for mixed-precision rows (fp16
+autocast on CUDA, bf16 on the CPU). The console shows progress and the table;
+each variant's full log is written to ``OUT_DIR/logs/``.
 
 Example::
 
@@ -18,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from queue import Empty
 from typing import List
 
 import torch
@@ -26,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 CPU_VARIANTS = ['dense', 'sbp@0.25', 'sbp@0.5', 'sbp@0.75', 'with_cp', 'sbp@0.5+cp',
                 'sbp@0.5+recompute']
-CUDA_EXTRA = ['amp', 'sbp@0.5+amp']
+CUDA_EXTRA = ['amp', 'sbp@0.5+amp', 'with_cp+amp', 'sbp@0.5+cp+amp']
 
 
 def parse_args(argv=None):
@@ -54,7 +59,10 @@ def parse_args(argv=None):
     return args
 
 
-def _run_variant(args, name, queue):
+def _run_variant(args, name, queue, log_path):
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)  # this process's output (mmengine's logs too) goes to its log file
+    os.dup2(log, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
     import sbp_mmdet  # noqa: F401  (registers the SBP modules)
@@ -78,19 +86,22 @@ def run_all(args) -> List[dict]:
     from sbp_mmdet.benchmark import Variant
     names = args.variants or CPU_VARIANTS + (CUDA_EXTRA if args.device.startswith('cuda')
                                              else [])
-    for name in names:
-        if Variant.parse(name).amp and not args.device.startswith('cuda'):
-            raise SystemExit(f'variant {name!r} needs CUDA (fp16 autocast); device is '
-                             f'{args.device}')
+    variants = [Variant.parse(name) for name in names]
+    log_dir = os.path.join(args.out_dir, 'logs')
+    os.makedirs(log_dir, exist_ok=True)
     ctx = mp.get_context('spawn')
     bar = ProgressBar(len(names) * (args.steps + args.warmup if args.steps else 1))
     rows = []
     for name in names:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_run_variant, args=(args, name, queue))
+        log_path = os.path.join(log_dir, f'{name}.log')
+        proc = ctx.Process(target=_run_variant, args=(args, name, queue, log_path))
         proc.start()
-        while True:
-            item = queue.get()
+        while proc.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=1)
+            except Empty:
+                continue
             if item == 'step':
                 bar.update()
             else:
@@ -98,10 +109,14 @@ def run_all(args) -> List[dict]:
                 break
         proc.join()
         if proc.exitcode:
-            raise SystemExit(f'variant {name} failed (exit code {proc.exitcode})')
+            with open(log_path) as f:
+                tail = ''.join(f.readlines()[-15:])
+            raise SystemExit(f'\n{tail}\nvariant {name} failed (exit code {proc.exitcode}); '
+                             f'the end of its log is above, the whole log is {log_path}')
     sys.stdout.write('\n')
-    dense = next((r for r in rows if r['variant'] == 'dense'), None)
-    for row in rows:
+    for variant, row in zip(variants, rows):
+        dense = next((r for v, r in zip(variants, rows)
+                      if v.is_dense and r['precision'] == row['precision']), None)
         for key in ('saved_mib', 'backward_median_s', 'step_median_s', 'peak_mib'):
             ref = dense and dense[key]
             if row[key] is None:
@@ -114,11 +129,12 @@ def run_all(args) -> List[dict]:
 
 def format_table(rows: List[dict]) -> str:
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
-    head = (['variant', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
+    head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
             + ['peak MiB', 'fwd s', 'bwd s', 'bwd vs dense', 'step s', 'step vs dense'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        cells = [r['variant'], f"{r['saved_mib']:.0f}", _ratio(r['saved_vs_dense'])]
+        cells = [r['variant'], r['precision'], f"{r['saved_mib']:.0f}",
+                 _ratio(r['saved_vs_dense'])]
         cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
         cells += [f"{r['peak_mib']:.0f}", _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
