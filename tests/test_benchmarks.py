@@ -1,6 +1,7 @@
 """The benchmark tool runs end to end at a tiny size and writes well-formed outputs."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,16 +54,24 @@ def test_variants_parse_and_turn_the_config_dense_or_sbp():
             Variant.parse(bad)
 
 
+def run_benchmark_tool(out: Path, *args: str, config: Path = SBP_CONFIG):
+    return subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'benchmark_sbp.py'),
+         str(config), '--size', '64', '96', '--steps', '1', '--warmup', '0',
+         '--out-dir', str(out), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     out = tmp_path / 'bench'
-    proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'benchmark_sbp.py'),
-         str(SBP_CONFIG), '--size', '64', '96', '--steps', '1', '--warmup', '0',
-         '--variants', 'dense', 'sbp@0.5', 'sbp@0.25', '--out-dir', str(out),
-         '--cfg-options', 'model.backbone.sbp.grad_scale=inverse_keep'],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark_tool(out, '--variants', 'dense', 'sbp@0.5', 'sbp@0.25',
+                              '--cfg-options', 'model.backbone.sbp.grad_scale=inverse_keep')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '| sbp@0.5 |' in proc.stdout
+    # the console shows progress and the table; each variant's log is in its own file
+    assert len((proc.stdout + proc.stderr).splitlines()) <= 60
+    assert 'Init' not in proc.stdout + proc.stderr
+    assert 'mmengine' in (out / 'logs' / 'sbp@0.5.log').read_text()
     results = json.loads((out / 'results.json').read_text())
     rows = {r['variant']: r for r in results['rows']}
     assert set(rows) == {'dense', 'sbp@0.5', 'sbp@0.25'}
@@ -75,6 +84,62 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     assert 'model.backbone.sbp.grad_scale=inverse_keep' in (out / 'table.md').read_text()
     assert results['meta']['cfg_options'] == {'model.backbone.sbp.grad_scale': 'inverse_keep'}
     assert (out / 'sbp_vs_keep_ratio.png').stat().st_size > 1000
+
+
+def test_benchmark_tool_measures_mixed_precision_on_the_cpu_against_dense_amp(tmp_path):
+    """AMP variants run on the CPU (bf16 autocast) and are compared with the dense
+    detector in the same precision; SBP stores less than it there too."""
+    out = tmp_path / 'bench'
+    proc = run_benchmark_tool(out, '--variants', 'dense', 'amp', 'sbp@0.5+amp', '--no-plot')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r['variant']: r for r in json.loads((out / 'results.json').read_text())['rows']}
+    assert [rows[v]['precision'] for v in ('dense', 'amp', 'sbp@0.5+amp')] == [
+        'fp32', 'bf16', 'bf16']
+    assert rows['amp']['saved_vs_dense'] == 1.0
+    assert rows['sbp@0.5+amp']['saved_vs_dense'] == pytest.approx(
+        rows['sbp@0.5+amp']['saved_mib'] / rows['amp']['saved_mib'])
+    # at this toy size the dense modules' half-precision weight copies weigh as much
+    # as the activations; the full-size ratios are in the README
+    assert rows['sbp@0.5+amp']['saved_by_component_mib']['backbone'] < (
+        0.8 * rows['amp']['saved_by_component_mib']['backbone'])
+
+
+def test_benchmark_tool_ends_with_the_error_of_a_failing_variant(tmp_path):
+    out = tmp_path / 'bench'
+    proc = run_benchmark_tool(out, '--variants', 'dense', 'sbp@0.5', '--cfg-options',
+                              'model.backbone.sbp.sampling=rows')
+    assert proc.returncode != 0
+    last_lines = proc.stderr.strip().splitlines()[-3:]
+    assert "sbp.sampling must be one of ('grid', 'random'), got 'rows'" in proc.stderr
+    assert 'variant sbp@0.5 failed' in last_lines[-1]
+    assert str(out / 'logs' / 'sbp@0.5.log') in last_lines[-1]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
+    """``tools/benchmark_gpu.sh`` with DRY_RUN=1: every variant of the GPU table, both
+    detectors, at toy size on the CPU."""
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'benchmark_gpu.sh'), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, DRY_RUN='1', PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ('faster_rcnn_r50_sbp', 'retinanet_r50_sbp'):
+        rows = json.loads((tmp_path / name / 'results.json').read_text())['rows']
+        assert [(r['variant'], r['precision']) for r in rows] == [
+            ('dense', 'fp32'), ('sbp@0.5', 'fp32'), ('with_cp', 'fp32'), ('sbp@0.5+cp', 'fp32'),
+            ('amp', 'bf16'), ('sbp@0.5+amp', 'bf16'), ('with_cp+amp', 'bf16'),
+            ('sbp@0.5+cp+amp', 'bf16')]
+        assert all(r['step_median_s'] > 0 and r['peak_vs_dense'] is not None for r in rows)
+
+
+def test_gpu_benchmark_script_refuses_a_machine_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'benchmark_gpu.sh')], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode != 0
+    assert 'no CUDA device here; DRY_RUN=1 runs it on the CPU' in proc.stderr
 
 
 def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
@@ -155,6 +220,8 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.25', 'model.backbone.sbp.sampling=random',
         'model.backbone.sbp.stages=(False,True,True,False,)', 'model.backbone.sbp.grid_cell=4',
         'model.backbone.sbp.grad_scale=inverse_keep', 'model.neck.sbp.grad_scale=inverse_keep']
+    assert tool.variant_options('sbp@0.5:dense_neck') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN']
     for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
         with pytest.raises(ValueError, match='variant'):
             tool.variant_options(bad)

@@ -130,13 +130,15 @@ def run_all(args) -> List[dict]:
 def format_table(rows: List[dict]) -> str:
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
     head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
-            + ['peak MiB', 'fwd s', 'bwd s', 'bwd vs dense', 'step s', 'step vs dense'])
+            + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense', 'step s',
+               'step vs dense'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [r['variant'], r['precision'], f"{r['saved_mib']:.0f}",
                  _ratio(r['saved_vs_dense'])]
         cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
-        cells += [f"{r['peak_mib']:.0f}", _seconds(r['forward_median_s']),
+        cells += [f"{r['peak_mib']:.0f}", _ratio(r['peak_vs_dense']),
+                  _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
                   _seconds(r['step_median_s']), _ratio(r['step_vs_dense'])]
         lines.append('| ' + ' | '.join(cells) + ' |')

@@ -4,9 +4,10 @@ For each variant and seed this runs ``tools/train.py`` then ``tools/test.py``
 (the real COCO evaluator) and reports bbox mAP mean and spread per variant,
 with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
 ``:random`` (random instead of grid sampling), ``:stages=0110`` (which
-backbone stages use SBP), ``:cell=4`` (grid cell rows) and ``:inverse_keep``
-(gradients scaled by 1/keep ratio in backbone and neck) suffixes, e.g.
-``sbp@0.5:random``.
+backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
+(gradients scaled by 1/keep ratio in backbone and neck) and ``:dense_neck``
+(mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only) suffixes,
+e.g. ``sbp@0.5:random``.
 
 Example::
 
@@ -54,7 +55,7 @@ def variant_options(name: str) -> List[str]:
         return ['model.backbone.sbp.keep_ratio=1.0']
     if not head.startswith('sbp@'):
         raise ValueError(f'unknown variant {name!r}: use dense or '
-                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep]')
+                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -66,6 +67,8 @@ def variant_options(name: str) -> List[str]:
             opts.append(f'model.backbone.sbp.grid_cell={int(suffix[5:])}')
         elif suffix == 'inverse_keep':
             opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in ('backbone', 'neck')]
+        elif suffix == 'dense_neck':
+            opts.append('model.neck.type=FPN')
         else:
             raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
     return opts
