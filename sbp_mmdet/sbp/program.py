@@ -211,7 +211,7 @@ class _Run:
                 conv_out[unit.name] = Packed(conv_rows(unit.conv, source, rows), rows,
                                              self.heights[unit.name])
         grads: Dict[str, Tensor] = {self.program.output: gather_rows(
-            grad_output.to(self.dtype), self.kept[self.program.output])}
+            grad_output, self.kept[self.program.output]).to(self.dtype)}
         grad_input = grad_output.new_zeros(self.shape, dtype=self.dtype) \
             if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
