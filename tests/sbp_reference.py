@@ -1,13 +1,13 @@
 """The reference semantics of SBP, written with plain autograd.
 
-Each SBP unit behaves like ``where(keep, unit(x), unit(x).detach())`` with its
-conv output masked the same way (see ``sbp_mmdet/sbp/program.py``). This
-module builds that reference from ordinary module calls, for the tests.
+Each SBP unit behaves like ``where(keep, unit(x), unit(x).detach())`` with the
+output of every op inside it masked the same way (see
+``sbp_mmdet/sbp/program.py``). This module builds that reference from the ops'
+plain module calls (``reference``), for the tests.
 """
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sbp_mmdet.sbp import SBPIteration, SBPProgram
@@ -31,17 +31,13 @@ def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
     values: Dict[str, Tensor] = {INPUT: x}
     strides = {INPUT: stride}
     for unit in program.units:
-        strides[unit.name] = strides[unit.source] * unit.conv.stride[0]
-        z = unit.conv(values[unit.source])
-        keep = row_mask(iteration, strides[unit.name], z)
-        out = masked(z, keep)
-        if unit.norm is not None:
-            out = unit.norm(out)
-        if unit.residual is not None:
-            out = out + values[unit.residual]
-        if unit.relu:
-            out = F.relu(out)
-        values[unit.name] = masked(out, keep)
+        strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
+        out = unit.mix.reference(values[unit.source])
+        keep = row_mask(iteration, strides[unit.name], out)
+        out = masked(out, keep)
+        for op in unit.tail:
+            out = masked(op.reference(out, values.get(op.reads)), keep)
+        values[unit.name] = out
     return values[program.output]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sbp_mmdet.sbp import ConvUnit, SavedTensorMeter, SBPIteration, SBPProgram
+from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration, SBPProgram, conv_unit
 from sbp_reference import reference_program
 
 
@@ -27,17 +27,17 @@ def bottleneck(cin=16, mid=8, stride=2, train=True) -> nn.ModuleDict:
 
 
 def bottleneck_program(m) -> SBPProgram:
-    return SBPProgram([ConvUnit('conv1', 'input', m['conv1'], m['norm1'], relu=True),
-                       ConvUnit('conv2', 'conv1', m['conv2'], m['norm2'], relu=True),
-                       ConvUnit('down', 'input', m['dconv'], m['dnorm']),
-                       ConvUnit('conv3', 'conv2', m['conv3'], m['norm3'], relu=True,
-                                residual='down')])
+    return SBPProgram([conv_unit('conv1', 'input', m['conv1'], m['norm1'], relu_after=True),
+                       conv_unit('conv2', 'conv1', m['conv2'], m['norm2'], relu_after=True),
+                       conv_unit('down', 'input', m['dconv'], m['dnorm']),
+                       conv_unit('conv3', 'conv2', m['conv3'], m['norm3'], relu_after=True,
+                                 residual='down')])
 
 
 def basic_program(m) -> SBPProgram:
-    return SBPProgram([ConvUnit('conv1', 'input', m['conv1'], m['norm1'], relu=True),
-                       ConvUnit('conv2', 'conv1', m['conv2'], m['norm2'], relu=True,
-                                residual='input')])
+    return SBPProgram([conv_unit('conv1', 'input', m['conv1'], m['norm1'], relu_after=True),
+                       conv_unit('conv2', 'conv1', m['conv2'], m['norm2'], relu_after=True,
+                                 residual='input')])
 
 
 def basic(channels=8, train=True) -> nn.ModuleDict:
@@ -51,7 +51,7 @@ def fpn_output(channels=8) -> nn.ModuleDict:
 
 
 def fpn_program(m) -> SBPProgram:
-    return SBPProgram([ConvUnit('conv', 'input', m['conv'])])
+    return SBPProgram([conv_unit('conv', 'input', m['conv'])])
 
 
 def iteration(mask):

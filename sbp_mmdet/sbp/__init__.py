@@ -5,15 +5,21 @@
   SBP stride, replicated to finer strides.
 - ``rows``: convolutions at a subset of output rows (bands with halos).
 - ``norm``: BatchNorm at packed rows with full-map statistics.
-- ``program``: SBP units (conv, norm, residual, ReLU) and the autograd
-  function that runs a block of them.
+- ``ops``: what a unit is made of: a row-mixing op (a conv, or none) and
+  a tail of row-local ops (norms, activations, 1x1 convs, adds, layer
+  scale, DropPath).
+- ``program``: SBP units and the autograd function that runs a block of them.
 - ``memory``: bytes saved for backward, the device-independent measure.
 """
 from .config import SBPConfig
 from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
-from .program import ConvUnit, SBPProgram, check_unit_layers
+from .norm import BatchNorm
+from .ops import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, RowLocal, TailOp,
+                  relu)
+from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
 
-__all__ = ['SBPConfig', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'ConvUnit',
-           'SBPProgram', 'check_unit_layers', 'SBPState']
+__all__ = ['SBPConfig', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
+           'conv_unit', 'SBPProgram', 'SBPState', 'ConvMix', 'IdentityMix', 'TailOp',
+           'BatchNorm', 'RowLocal', 'ChannelsLast', 'LayerScale', 'Add', 'DropPath', 'relu']

@@ -13,17 +13,20 @@ Its values at dropped rows are discarded, which is SBP's definition of the
 unit (conv, norm and activation drop the same rows). In eval mode (and with
 ``norm_eval=True``) the statistics are constants and the formula reduces to
 ``dz = gamma * invstd * g``. Both use PyTorch's fused BatchNorm kernels; the
-train-mode statistics term is one extra fused pass. Under mixed precision ``z``
+train-mode statistics term is one extra fused pass. ``BatchNorm`` is the tail
+op (see ``ops.py``) that runs these on packed rows. Under mixed precision ``z``
 and ``g`` are half precision while statistics, affine parameters and their
 gradients stay fp32 (the kernels' mixed-type mode, as autocast runs BatchNorm).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .ops import TailOp
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,59 @@ def norm_backward(norm: _BatchNorm, stats: NormStats, z: Tensor,
     grad_w = sum_gx if affine and norm.weight.requires_grad else None
     grad_b = sum_g if affine and norm.bias.requires_grad else None
     return grad_z, grad_w, grad_b
+
+
+class _PackedBatchNorm(torch.autograd.Function):
+    """BatchNorm on packed rows with the forward's statistics; its backward
+    adds the statistics term over the rows it was given (``norm_backward``)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                norm: _BatchNorm, stats: NormStats) -> Tensor:
+        ctx.norm, ctx.stats = norm, stats
+        ctx.save_for_backward(z)
+        with torch.autocast(z.device.type, enabled=False):  # mixed-type kernels, fp32 stats
+            return norm_forward(norm, stats, z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, = ctx.saved_tensors
+        grad_z, grad_w, grad_b = norm_backward(ctx.norm, ctx.stats, z, grad.contiguous())
+        return grad_z, grad_w, grad_b, None, None
+
+
+class BatchNorm(TailOp):
+    """A BatchNorm layer in a unit's tail (train-mode statistics as above).
+
+    Args:
+        norm: a ``_BatchNorm`` (BN; SyncBN in eval mode or with ``norm_eval``).
+        where: the layer's name, for errors.
+    """
+
+    def __init__(self, norm: _BatchNorm, where: str = 'norm') -> None:
+        if not isinstance(norm, _BatchNorm):
+            raise TypeError(f'{where}: SBP supports BatchNorm (BN/SyncBN in eval) normalisation, '
+                            f'got {type(norm).__name__}; use the dense module or a BN norm_cfg')
+        self.norm = norm
+        self.where = where
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [self.norm.weight, self.norm.bias]
+
+    def check_call(self) -> None:
+        """Refuse what the statistics term cannot do (called before each run)."""
+        if isinstance(self.norm, nn.SyncBatchNorm) and self.norm.training:
+            raise NotImplementedError(
+                f'SBP unit {self.where!r}: SyncBN in train mode is not supported (its '
+                'statistics gradient needs a cross-rank reduction); use BN, or '
+                'norm_eval=True as the standard COCO configs do')
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return self.norm(x)
+
+    def forward(self, x: Tensor, other: Optional[Tensor]) -> Tuple[Tensor, NormStats]:
+        stats = NormStats.capture(self.norm, x)
+        return self.norm(x), stats
+
+    def rows(self, x: Tensor, other: Optional[Tensor], state: NormStats) -> Tensor:
+        return _PackedBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, state)

@@ -1,95 +1,105 @@
-"""SBP units and the autograd function that runs a block of them.
+"""SBP units and the autograd function that runs a program of them.
 
-An SBP *unit* is one layer: a convolution with the BatchNorm, residual add and
-ReLU that follow it. A unit behaves exactly like
+An SBP *unit* is one layer: a row-mixing op (a convolution, or none) followed
+by a tail of row-local ops (norms, activations, 1x1 convs, residual adds,
+layer scale, DropPath; see ``ops.py``). A unit behaves exactly like
 
     y = where(keep, unit(x), unit(x).detach())
 
-with ``keep`` the kept rows at the unit's output stride: the forward value is
-the dense value and gradients flow back only through kept rows (inside the
-unit too: its conv output is masked the same way, see ``norm.py``). A
-*program* is the list of units of one residual block, or a single layer of a
-neck.
+with ``keep`` the kept rows at the unit's output stride, and every op inside
+the unit masked the same way: the forward value is the dense value and
+gradients flow back only through kept rows. A *program* is the list of units
+of one residual block, or a single layer of a neck or head.
 
-What is saved for backward, per unit, is the conv output ``z`` (pre-norm) at
-the rows that backward reads: the kept rows, plus the halo rows that a k x k
-consumer needs around its kept outputs. Activations after norm and ReLU are
-recomputed from ``z`` elementwise. The block input is saved at the rows its
-consumers read, through ``SBPIteration.pack`` so that a map read by several
-SBP layers is stored once. With ``recompute=True`` only the units that feed a
-k x k convolution keep their ``z``; the others are recomputed in backward on
-the kept rows (SBP combined with checkpointing on the kept region).
+What is saved for backward, per unit, is the row-mixing op's output ``z``
+(e.g. the pre-norm conv output) at the rows that backward reads: the kept rows,
+plus the halo rows that a k x k consumer needs around its kept outputs. The
+tail is re-run from ``z`` in backward: without autograd where only its value
+is needed (a consumer's input), under autograd on the kept rows for its
+gradients. The program input is saved at the rows its consumers read, through
+``SBPIteration.pack`` so that a map read by several SBP layers is stored once.
+With ``recompute=True`` only the units that feed a k x k convolution keep their
+``z``; the others are recomputed in backward on the kept rows (SBP combined
+with checkpointing on the kept region). A unit without a row-mixing op stores
+nothing: its ``z`` is its source.
 
 Mixed precision: under ``torch.autocast`` a program runs the way autocast runs
 the dense layers. Convolutions compute in the autocast dtype (fp16 on CUDA,
 bf16 on the CPU) and what is stored (packed inputs, pre-norm conv outputs) is
 in that dtype; BatchNorm statistics are kept in fp32 and its affine math and
 backward run in fp32 on the half-precision rows (PyTorch's mixed-type BatchNorm
-kernels); parameter gradients come back in the parameters' dtype. The
-backward pass uses the dtype of its forward, whatever autocast state it runs
-in.
+kernels); the tail is re-run under the forward's autocast state, as
+``torch.utils.checkpoint`` does; parameter gradients come back in the
+parameters' dtype.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .masks import SBPIteration
-from .norm import NormStats, norm_backward, norm_forward
-from .rows import Packed, RowGeometry, add_rows_, conv_rows, conv_rows_backward, gather_rows
+from .norm import BatchNorm
+from .ops import Add, ConvMix, Mix, TailOp, relu
+from .rows import Packed, add_rows_, gather_rows
 
 INPUT = 'input'
 
 
 @dataclass(frozen=True)
-class ConvUnit:
-    """One SBP layer: ``relu(norm(conv(source)) + residual)``.
+class Unit:
+    """One SBP layer: ``tail(mix(source))``.
 
     Args:
         name: name of the unit's output inside its program.
-        source: name of the conv input (``'input'`` or an earlier unit).
-        conv: a plain ``nn.Conv2d``.
-        norm: a BatchNorm layer, or None.
-        relu: whether a ReLU follows.
-        residual: name of a tensor added after the norm, before the ReLU.
+        source: name of the unit's input (``'input'`` or an earlier unit).
+        mix: the row-mixing op (``ConvMix``) or ``IdentityMix()``.
+        tail: the row-local ops that follow, in order.
     """
 
     name: str
     source: str
-    conv: nn.Conv2d
-    norm: Optional[_BatchNorm] = None
-    relu: bool = False
-    residual: Optional[str] = None
+    mix: Mix
+    tail: Tuple[TailOp, ...] = ()
 
     def parameters(self) -> List[Optional[Tensor]]:
-        norm = self.norm
-        return [self.conv.weight, self.conv.bias,
-                None if norm is None else norm.weight, None if norm is None else norm.bias]
+        return self.mix.parameters() + [p for op in self.tail for p in op.parameters()]
+
+    def split_tail(self) -> Tuple[Tuple[TailOp, ...], Tuple[Add, ...]]:
+        """The tail as (ops re-run under autograd, trailing adds).
+
+        Trailing adds pass their gradient through unchanged, so backward
+        needs neither their operands' values nor a re-run for them.
+        """
+        end = len(self.tail)
+        while end and isinstance(self.tail[end - 1], Add):
+            end -= 1
+        return self.tail[:end], self.tail[end:]
 
 
-def check_unit_layers(conv: nn.Module, norm: Optional[nn.Module], where: str) -> None:
-    """Raise a clear error for layers SBP cannot run."""
-    if type(conv) is not nn.Conv2d:
-        raise TypeError(f'{where}: SBP supports plain nn.Conv2d layers (conv_cfg=None), '
-                        f'got {type(conv).__name__}; use the dense module for it')
-    if isinstance(conv.padding, str) or conv.padding_mode != 'zeros':
-        raise TypeError(f'{where}: SBP supports numeric zero padding only')
-    if norm is not None and not isinstance(norm, _BatchNorm):
-        raise TypeError(f'{where}: SBP supports BatchNorm (BN/SyncBN in eval) normalisation, '
-                        f'got {type(norm).__name__}; use the dense module or a BN norm_cfg')
+def conv_unit(name: str, source: str, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
+              relu_after: bool = False, residual: Optional[str] = None,
+              where: Optional[str] = None) -> Unit:
+    """``relu(bn(conv(source)) + residual)``, the unit of ResNet and FPN.
+
+    Raises:
+        TypeError: for a conv or norm SBP cannot run, naming ``where``.
+    """
+    where = where or name
+    tail: List[TailOp] = [] if norm is None else [BatchNorm(norm, where)]
+    tail += [] if residual is None else [Add(residual)]
+    tail += [relu()] if relu_after else []
+    return Unit(name, source, ConvMix(conv, where), tuple(tail))
 
 
 class SBPProgram:
     """An ordered list of units with one input (``'input'``) and one output."""
 
-    def __init__(self, units: Sequence[ConvUnit]) -> None:
+    def __init__(self, units: Sequence[Unit]) -> None:
         known = {INPUT}
         for unit in units:
-            for name in (unit.source, unit.residual):
-                if name is not None and name not in known:
+            for name in [unit.source] + [op.reads for op in unit.tail if op.reads is not None]:
+                if name not in known:
                     raise ValueError(f'unit {unit.name!r} reads {name!r} before it is computed')
             known.add(unit.name)
         self.units = list(units)
@@ -102,11 +112,9 @@ class SBPProgram:
                  recompute: bool = False, grad_scale: str = 'none') -> Tensor:
         """Run the program with SBP on ``x`` (a map at ``stride``)."""
         for unit in self.units:
-            if isinstance(unit.norm, nn.SyncBatchNorm) and unit.norm.training:
-                raise NotImplementedError(
-                    f'SBP unit {unit.name!r}: SyncBN in train mode is not supported (its '
-                    'statistics gradient needs a cross-rank reduction); use BN, or '
-                    'norm_eval=True as the standard COCO configs do')
+            for op in unit.tail:
+                if isinstance(op, BatchNorm):
+                    op.check_call()
         run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x))
         return _SBPFunction.apply(run, x, *self.parameters())
 
@@ -125,6 +133,7 @@ class _Run:
     def __init__(self, program: SBPProgram, iteration: SBPIteration, stride: int,
                  recompute: bool, grad_scale: str, dtype: torch.dtype) -> None:
         self.program = program
+        self.units = {unit.name: unit for unit in program.units}
         self.iteration = iteration
         self.in_stride = stride
         self.recompute = recompute
@@ -133,33 +142,30 @@ class _Run:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        units = self.program.units
         values: Dict[str, Tensor] = {INPUT: x}
         self.heights = {INPUT: x.shape[2]}
         self.strides = {INPUT: self.in_stride}
-        self.stats: Dict[str, NormStats] = {}
-        convs: Dict[str, Tensor] = {}
-        for unit in units:
-            z = unit.conv(values[unit.source])
-            out = z
-            if unit.norm is not None:
-                self.stats[unit.name] = NormStats.capture(unit.norm, z)
-                out = unit.norm(z)
-            if unit.residual is not None:
-                out = out + values[unit.residual]
-            if unit.relu:
-                out = F.relu(out)
-            values[unit.name] = out
-            convs[unit.name] = z
+        self.states: Dict[str, list] = {}
+        mixed: Dict[str, Tensor] = {}
+        for unit in self.program.units:
+            z = out = unit.mix.forward(values[unit.source])
+            states = []
+            for op in unit.tail:
+                out, state = op.forward(out, None if op.reads is None else values[op.reads])
+                states.append(state)
+            values[unit.name], mixed[unit.name] = out, z
+            self.states[unit.name] = states
             self.heights[unit.name] = out.shape[2]
-            self.strides[unit.name] = self.strides[unit.source] * unit.conv.stride[0]
+            self.strides[unit.name] = self.strides[unit.source] * unit.mix.geometry.stride
         self.shape = x.shape
         self.input_dtype = x.dtype
         self.needs_input_grad = x.requires_grad
+        self.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                         torch.get_autocast_dtype(x.device.type))
         self._plan()
         packed_input, self.input_rows = self.iteration.pack(x, self.input_rows, self.dtype)
         self.to_save = [packed_input] + [
-            gather_rows(convs[name], rows) for name, rows in self.stored_rows.items()]
+            gather_rows(mixed[name], rows) for name, rows in self.stored_rows.items()]
         return values[self.program.output]
 
     def restore(self, tensors: Sequence[Tensor]) -> None:
@@ -173,29 +179,30 @@ class _Run:
         units = self.program.units
         self.kept = {name: self.iteration.kept_rows(self.strides[name], self.heights[name])
                      for name in self.heights}
-        halo_fed = {u.source for u in units if u.conv.kernel_size[0] > 1}
+        halo_fed = {u.source for u in units if u.mix.geometry.kernel > 1}
         value_rows: Dict[str, List[Tensor]] = {name: [] for name in self.heights}
         for unit in units:
-            geom = RowGeometry.of(unit.conv)
             value_rows[unit.source].append(
-                geom.input_rows(self.kept[unit.name], self.heights[unit.source]))
-            if unit.residual is not None and unit.relu:
-                value_rows[unit.residual].append(self.kept[unit.name])
-        self.conv_rows: Dict[str, Tensor] = {}
+                unit.mix.backward_reads(self.kept[unit.name], self.heights[unit.source]))
+            rerun, _ = unit.split_tail()
+            for op in rerun:
+                if op.reads is not None:
+                    value_rows[op.reads].append(self.kept[unit.name])
+        self.mixed_rows: Dict[str, Tensor] = {}
         self.stored_rows: Dict[str, Tensor] = {}
         for unit in reversed(units):
             wanted = value_rows[unit.name]
-            if unit.norm is not None or unit.relu:
+            if unit.split_tail()[0]:
                 wanted = wanted + [self.kept[unit.name]]
             if not wanted:  # a plain conv read by nobody: backward needs only its input
                 continue
             rows = _union(wanted[1:], wanted[0])
-            self.conv_rows[unit.name] = rows
-            if unit.residual is not None:
-                value_rows[unit.residual].append(rows)
-            if self.recompute and unit.name not in halo_fed:
-                value_rows[unit.source].append(RowGeometry.of(unit.conv).input_rows(
-                    rows, self.heights[unit.source]))
+            self.mixed_rows[unit.name] = rows
+            for op in unit.tail:
+                if op.reads is not None:
+                    value_rows[op.reads].append(rows)
+            if not unit.mix.stores or (self.recompute and unit.name not in halo_fed):
+                value_rows[unit.source].append(unit.mix.reads(rows, self.heights[unit.source]))
             else:
                 self.stored_rows[unit.name] = rows
         self.input_rows = _union(value_rows[INPUT], self.kept[INPUT])
@@ -203,70 +210,93 @@ class _Run:
     # --------------------------------------------------------------- backward
     def backward(self, grad_output: Tensor) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
         units = self.program.units
-        conv_out = dict(self.saved)
+        mixed = dict(self.saved)
         for unit in units:  # recompute what was not stored, in program order
-            if unit.name not in conv_out and unit.name in self.conv_rows:
-                rows = self.conv_rows[unit.name]
-                source = self._value(unit.source, conv_out, self._source_rows(unit))
-                conv_out[unit.name] = Packed(conv_rows(unit.conv, source, rows), rows,
-                                             self.heights[unit.name])
+            if unit.name not in mixed and unit.name in self.mixed_rows:
+                rows = self.mixed_rows[unit.name]
+                source = self._value(unit.source, mixed,
+                                     unit.mix.reads(rows, self.heights[unit.source]))
+                mixed[unit.name] = Packed(unit.mix.rows(source, rows), rows,
+                                          self.heights[unit.name])
         grads: Dict[str, Tensor] = {self.program.output: gather_rows(
             grad_output, self.kept[self.program.output]).to(self.dtype)}
         grad_input = grad_output.new_zeros(self.shape, dtype=self.dtype) \
             if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(units):
-            param_grads[:0] = self._unit_backward(unit, conv_out, grads, grad_input)
+            param_grads[:0] = self._unit_backward(unit, mixed, grads, grad_input)
         param_grads = [None if g is None else g.to(p.dtype)
                        for g, p in zip(param_grads, self.program.parameters())]
         return None if grad_input is None else grad_input.to(self.input_dtype), param_grads
 
-    def _source_rows(self, unit: ConvUnit) -> Tensor:
-        return RowGeometry.of(unit.conv).input_rows(self.conv_rows[unit.name],
-                                                    self.heights[unit.source])
+    def _autocast(self) -> torch.autocast:
+        """The forward pass's autocast state, for re-running tails."""
+        device, enabled, dtype = self.autocast
+        return torch.autocast(device, dtype=dtype, enabled=enabled)
 
-    def _value(self, name: str, conv_out: Dict[str, Packed], rows: Tensor) -> Packed:
+    def _value(self, name: str, mixed: Dict[str, Packed], rows: Tensor) -> Packed:
         """The value of tensor ``name`` at ``rows``, recomputed from stored rows."""
         if name == INPUT:
             return Packed(self.saved_input.take(rows), rows, self.heights[INPUT])
-        unit = self._unit(name)
-        out = conv_out[name].take(rows)
-        if unit.norm is not None:
-            out = norm_forward(unit.norm, self.stats[name], out)
-        if unit.residual is not None:
-            out = out + self._value(unit.residual, conv_out, rows).data
-        if unit.relu:
-            out = F.relu(out)
+        unit = self.units[name]
+        out = mixed[name].take(rows)
+        with self._autocast():
+            for op, state in zip(unit.tail, self.states[name]):
+                other = None if op.reads is None else self._value(op.reads, mixed, rows).data
+                out = op.rows(out, other, state)
         return Packed(out, rows, self.heights[name])
 
-    def _unit(self, name: str) -> ConvUnit:
-        return next(u for u in self.program.units if u.name == name)
-
-    def _unit_backward(self, unit: ConvUnit, conv_out: Dict[str, Packed],
-                       grads: Dict[str, Tensor], grad_input: Optional[Tensor]) -> list:
+    def _unit_backward(self, unit: Unit, mixed: Dict[str, Packed], grads: Dict[str, Tensor],
+                       grad_input: Optional[Tensor]) -> list:
         kept = self.kept[unit.name]
         grad = grads.pop(unit.name, None)
         if grad is None or len(kept) == 0:
-            return [None, None, None, None]
-        if unit.relu:
-            grad = torch.ops.aten.threshold_backward(
-                grad, self._value(unit.name, conv_out, kept).data, 0)
-        if unit.residual is not None:
-            self._accumulate(unit.residual, kept, grad, grads, grad_input)
-        norm_w = norm_b = None
-        if unit.norm is not None:
-            grad, norm_w, norm_b = norm_backward(unit.norm, self.stats[unit.name],
-                                                 conv_out[unit.name].take(kept), grad)
+            return [None] * len(unit.parameters())
+        rerun, trailing = unit.split_tail()
+        for op in trailing:
+            self._accumulate(op.reads, kept, grad, grads, grad_input)
+        grad, tail_grads = self._tail_backward(unit, rerun, mixed, kept, grad, grads, grad_input)
         need_input = unit.source != INPUT or grad_input is not None
-        source = self._value(unit.source, conv_out,
-                             RowGeometry.of(unit.conv).input_rows(kept, self.heights[unit.source]))
-        grad_src, conv_w, conv_b = conv_rows_backward(unit.conv, source, kept, grad, need_input)
+        source = None
+        if unit.mix.stores:
+            source = self._value(unit.source, mixed,
+                                 unit.mix.backward_reads(kept, self.heights[unit.source]))
+        grad_src, mix_grads = unit.mix.backward(source, kept, grad, need_input)
         if grad_src is not None:
             self._accumulate(unit.source, grad_src.rows, grad_src.data, grads, grad_input)
+        param_grads = mix_grads + tail_grads + [None] * len(
+            [p for op in trailing for p in op.parameters()])
         if self.grad_scale == 'inverse_keep':
             scale = self.heights[unit.name] / len(kept)
-            return [None if g is None else g * scale for g in (conv_w, conv_b, norm_w, norm_b)]
-        return [conv_w, conv_b, norm_w, norm_b]
+            return [None if g is None else g * scale for g in param_grads]
+        return param_grads
+
+    def _tail_backward(self, unit: Unit, rerun: Sequence[TailOp], mixed: Dict[str, Packed],
+                       kept: Tensor, grad: Tensor, grads: Dict[str, Tensor],
+                       grad_input: Optional[Tensor]) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        """Gradients through the re-run tail (autograd on the kept rows).
+
+        Returns the gradient of ``z`` at the kept rows and the tail ops'
+        parameter gradients; operands of adds get theirs accumulated.
+        """
+        if not rerun:
+            return grad, []
+        z = mixed[unit.name].take(kept).detach().requires_grad_()
+        others = {op.reads: self._value(op.reads, mixed, kept).data.detach().requires_grad_()
+                  for op in rerun if op.reads is not None}
+        params = [p for op in rerun for p in op.parameters()]
+        trainable = [p for p in params if p is not None and p.requires_grad]
+        with torch.enable_grad(), self._autocast():
+            out = z
+            for op, state in zip(rerun, self.states[unit.name]):
+                out = op.rows(out, others.get(op.reads), state)
+        found = torch.autograd.grad(out, [z, *others.values(), *trainable], grad.to(out.dtype),
+                                    allow_unused=True)
+        for name, g in zip(others, found[1:1 + len(others)]):
+            if g is not None:
+                self._accumulate(name, kept, g, grads, grad_input)
+        by_param = dict(zip(map(id, trainable), found[1 + len(others):]))
+        return found[0], [None if p is None else by_param.get(id(p)) for p in params]
 
     def _accumulate(self, name: str, rows: Tensor, grad: Tensor, grads: Dict[str, Tensor],
                     grad_input: Optional[Tensor]) -> None:
@@ -277,9 +307,9 @@ class _Run:
         """
         if name == INPUT:
             if grad_input is not None:
-                add_rows_(grad_input, rows, grad)
+                add_rows_(grad_input, rows, grad.to(grad_input.dtype))
             return
-        grad = Packed(grad, rows, self.heights[name]).take(self.kept[name])
+        grad = Packed(grad, rows, self.heights[name]).take(self.kept[name]).to(self.dtype)
         grads[name] = grad if name not in grads else grads[name] + grad
 
 

@@ -6,14 +6,13 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
-from ...sbp import check_unit_layers
+from ...sbp import RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState, Unit, conv_unit
 from ...sbp.state import SBPModuleMixin, sbp_states
 
 STEM_STRIDE = 4
 
 
-def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[ConvUnit], str]:
+def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
     """The shortcut of ``block`` as units, and the name the residual add reads."""
     if block.downsample is None:
         return [], 'input'
@@ -21,8 +20,8 @@ def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[ConvUnit]
     if len(layers) != 2:
         raise TypeError(f'{residual_of}: SBP supports a conv + norm shortcut; '
                         'avg_down=True (AvgPool2d shortcut) is not supported')
-    check_unit_layers(layers[0], layers[1], f'{residual_of}.downsample')
-    return [ConvUnit('downsample', 'input', layers[0], layers[1])], 'downsample'
+    return [conv_unit('downsample', 'input', layers[0], layers[1],
+                      where=f'{residual_of}.downsample')], 'downsample'
 
 
 def _check_block(block: nn.Module, where: str) -> None:
@@ -42,15 +41,15 @@ class _SBPBlockMixin:
         where = where or type(self).__name__
         _check_block(self, where)
         shortcut, residual = _downsample_unit(self, where)
-        *body, last = self._main_units()
-        units = body + shortcut + [ConvUnit(last.name, last.source, last.conv, last.norm,
-                                            relu=True, residual=residual)]
-        for unit in units:
-            check_unit_layers(unit.conv, unit.norm, f'{where}.{unit.name}')
+        *body, (name, source, conv, norm) = self._main_layers()
+        units = [conv_unit(n, s, c, b, relu_after=True, where=f'{where}.{n}')
+                 for n, s, c, b in body]
+        units += shortcut + [conv_unit(name, source, conv, norm, relu_after=True,
+                                       residual=residual, where=f'{where}.{name}')]
         return SBPProgram(units)
 
-    def _main_units(self) -> List[ConvUnit]:
-        """The units of the main branch, the last one before its residual add."""
+    def _main_layers(self) -> List[tuple]:
+        """``(name, source, conv, norm)`` of the main branch's layers, in order."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
@@ -62,18 +61,18 @@ class _SBPBlockMixin:
 class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
     """``BasicBlock`` that runs as an SBP program while ``sbp_state`` is set."""
 
-    def _main_units(self) -> List[ConvUnit]:
-        return [ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
-                ConvUnit('conv2', 'conv1', self.conv2, self.norm2)]
+    def _main_layers(self) -> List[tuple]:
+        return [('conv1', 'input', self.conv1, self.norm1),
+                ('conv2', 'conv1', self.conv2, self.norm2)]
 
 
 class SBPBottleneck(_SBPBlockMixin, Bottleneck):
     """``Bottleneck`` that runs as an SBP program while ``sbp_state`` is set."""
 
-    def _main_units(self) -> List[ConvUnit]:
-        return [ConvUnit('conv1', 'input', self.conv1, self.norm1, relu=True),
-                ConvUnit('conv2', 'conv1', self.conv2, self.norm2, relu=True),
-                ConvUnit('conv3', 'conv2', self.conv3, self.norm3)]
+    def _main_layers(self) -> List[tuple]:
+        return [('conv1', 'input', self.conv1, self.norm1),
+                ('conv2', 'conv1', self.conv2, self.norm2),
+                ('conv3', 'conv2', self.conv3, self.norm3)]
 
 
 _SBP_BLOCKS = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}

@@ -7,8 +7,7 @@ from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
-from ...sbp import check_unit_layers
+from ...sbp import RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState, conv_unit
 from ...sbp.state import SBPModuleMixin, sbp_states
 
 
@@ -38,8 +37,8 @@ class SBPConvModule(ConvModule):
             raise TypeError(f'{where}: SBP supports ReLU activations only, '
                             f'got {type(self.activate).__name__}')
         norm = self.norm if self.with_norm else None
-        check_unit_layers(self.conv, norm, where)
-        return SBPProgram([ConvUnit('conv', 'input', self.conv, norm, relu=self.with_activation)])
+        return SBPProgram([conv_unit('conv', 'input', self.conv, norm,
+                                     relu_after=self.with_activation, where=where)])
 
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         if self.sbp_state is None or not (activate and norm):
@@ -133,4 +132,3 @@ class FPNSBP(SBPModuleMixin, FPN):
             extra_stride *= 2
         return [(module, SBPState(iteration, stride, self.sbp_cfg)) for module, stride in inputs
                 if iteration.covers(stride * module.conv.stride[0])]
-

@@ -1,0 +1,232 @@
+"""The ops an SBP unit is made of.
+
+A unit is one *row-mixing* op followed by a *tail* of row-local ops:
+
+- the row-mixing op (``ConvMix``: any ``nn.Conv2d``, whatever its kernel,
+  stride, dilation or groups; ``IdentityMix``: none) says which input rows
+  its output rows read (its halo, ``reads``) and runs forward and backward on
+  packed rows (``rows.py``);
+- a tail op maps row ``i`` of its input to row ``i`` of its output (norms over
+  channels, activations, 1x1 convs and channel ``Linear`` layers, residual
+  adds, layer scale, DropPath). In backward the tail is re-run on the stored
+  rows under autograd, as ``torch.utils.checkpoint`` does, so a tail op only
+  says how it runs forward; what autograd cannot see (BatchNorm's statistics
+  over dropped rows) is a hand-written autograd function (``norm.py``).
+
+A tail op has three methods: ``forward(x, other)`` runs it on the full map in
+the program's forward pass and returns its output and the state its re-run
+needs (BatchNorm statistics, the random state of DropPath); ``rows(x, other,
+state)`` runs it on packed rows with that state; ``reference(x, other)`` is
+the plain module call that defines it (the tests' reference). ``other`` is the
+value of the tensor named by ``reads`` (a residual add's second operand).
+"""
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rows import Packed, RowGeometry, conv_rows, conv_rows_backward
+
+ParamGrads = List[Optional[Tensor]]
+
+
+class ConvMix:
+    """A convolution as the row-mixing op of a unit (stored, banded backward).
+
+    Args:
+        conv: a plain ``nn.Conv2d`` with numeric zero padding.
+        where: the layer's name, for errors.
+    """
+
+    stores = True
+
+    def __init__(self, conv: nn.Conv2d, where: str = 'conv') -> None:
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f'{where}: SBP supports plain nn.Conv2d layers (conv_cfg=None), '
+                            f'got {type(conv).__name__}; use the dense module for it')
+        if isinstance(conv.padding, str) or conv.padding_mode != 'zeros':
+            raise TypeError(f'{where}: SBP supports numeric zero padding only')
+        self.conv = conv
+        self.geometry = RowGeometry.of(conv)
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [self.conv.weight, self.conv.bias]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+    reference = forward
+
+    def reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        """Input rows that computing ``out_rows`` reads."""
+        return self.geometry.input_rows(out_rows, in_height)
+
+    backward_reads = reads
+
+    def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
+        return conv_rows(self.conv, src, out_rows)
+
+    def backward(self, src: Optional[Packed], out_rows: Tensor, grad: Tensor,
+                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+        grad_in, grad_w, grad_b = conv_rows_backward(self.conv, src, out_rows, grad, need_input)
+        return grad_in, [grad_w, grad_b]
+
+
+class IdentityMix:
+    """No row-mixing op: the tail reads the source directly (nothing stored)."""
+
+    stores = False
+    geometry = RowGeometry(kernel=1, stride=1, padding=0, dilation=1)
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    reference = forward
+
+    def reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return out_rows
+
+    def backward_reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return out_rows[:0]
+
+    def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
+        return src.take(out_rows)
+
+    def backward(self, src: Optional[Packed], out_rows: Tensor, grad: Tensor,
+                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+        return Packed(grad, out_rows, height=-1), []  # the caller reads rows and data only
+
+
+class TailOp:
+    """Base of the row-local ops (see the module docstring).
+
+    Subclasses set ``reads`` when they read a second tensor and override
+    ``reference``; ``forward`` and ``rows`` default to it (a stateless op).
+    """
+
+    reads: Optional[str] = None
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return []
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, other: Optional[Tensor]) -> Tuple[Tensor, Any]:
+        return self.reference(x, other), None
+
+    def rows(self, x: Tensor, other: Optional[Tensor], state: Any) -> Tensor:
+        return self.reference(x, other)
+
+
+class RowLocal(TailOp):
+    """Any op that maps each position from its own channels: activations
+    (``F.relu``, ``nn.GELU()``, ``nn.SiLU()``), a 1x1 stride-1 conv, a
+    ``LayerNorm2d``. It must hold no batch statistics and draw no random numbers.
+
+    Args:
+        fn: the module or function, applied to ``(N, C, H, W)`` maps.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        conv = fn if isinstance(fn, nn.Conv2d) else None
+        if conv is not None and (conv.kernel_size[0] != 1 or conv.stride[0] != 1
+                                 or conv.padding[0] != 0):
+            raise TypeError('RowLocal: a conv in a unit tail must be 1x1, stride 1, no padding')
+        self.fn = fn
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return list(self.fn.parameters()) if isinstance(self.fn, nn.Module) else []
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return self.fn(x)
+
+
+class ChannelsLast(RowLocal):
+    """A module over the channel axis (``nn.Linear``, ``nn.LayerNorm``) of an
+    ``(N, C, H, W)`` map: runs it on ``(N, H, W, C)`` and moves channels back."""
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return self.fn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LayerScale(TailOp):
+    """Multiplies channels by a learnt vector (ConvNeXt's ``gamma``).
+
+    Args:
+        scale: a parameter of shape ``(C,)``.
+    """
+
+    def __init__(self, scale: Tensor) -> None:
+        self.scale = scale
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [self.scale]
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return x * self.scale.view(-1, 1, 1)
+
+
+class Add(TailOp):
+    """Adds the tensor ``name`` (a residual or shortcut).
+
+    Args:
+        name: ``'input'`` or an earlier unit of the program.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.reads = name
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return x + other
+
+
+class DropPath(TailOp):
+    """Stochastic depth with per-sample masks (mmcv's or timm's ``DropPath``).
+
+    The forward pass records the random state and the re-run on packed rows
+    restores it, so the module draws the same per-sample mask (the draw must
+    not depend on the map's height, which holds for per-sample drop paths).
+
+    Args:
+        module: the drop-path module, called on ``(N, C, H, W)`` maps.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return self.module(x)
+
+    def forward(self, x: Tensor, other: Optional[Tensor]) -> Tuple[Tensor, Any]:
+        state = _rng_state(x.device)
+        return self.module(x), state
+
+    def rows(self, x: Tensor, other: Optional[Tensor], state: Any) -> Tensor:
+        devices = [x.device] if x.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            _set_rng_state(x.device, state)
+            return self.module(x)
+
+
+def _rng_state(device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: Tuple[Tensor, Optional[Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def relu() -> RowLocal:
+    """The ReLU of a unit (functional: never in place on a stored tensor)."""
+    return RowLocal(F.relu)
+
+
+Mix = Union[ConvMix, IdentityMix]

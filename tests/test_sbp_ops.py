@@ -1,0 +1,189 @@
+"""Every op of the unit vocabulary: exact forward, gradients equal to the reference."""
+import copy
+
+import pytest
+import torch
+from mmcv.cnn.bricks import DropPath as MMCVDropPath
+from torch import nn
+
+from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix,
+                           LayerScale, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
+from sbp_reference import reference_program
+from test_sbp_models import assert_grad_close
+from test_sbp_program import MASKS, _bn, iteration
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block written with plain modules (the dense model to match)."""
+
+    def __init__(self, channels=8, drop_prob=0.5):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.pwconv1 = nn.Linear(channels, 4 * channels)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.rand(channels) + 0.5)
+        self.drop_path = MMCVDropPath(drop_prob)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y)))).permute(0, 3, 1, 2)
+        return x + self.drop_path(y * self.gamma.view(-1, 1, 1))
+
+    def sbp_program(self):
+        """The block as one SBP unit: a depthwise 7x7 conv and a row-local tail."""
+        tail = (ChannelsLast(self.norm), ChannelsLast(self.pwconv1), RowLocal(self.act),
+                ChannelsLast(self.pwconv2), LayerScale(self.gamma), DropPath(self.drop_path),
+                Add('input'))
+        return SBPProgram([Unit('block', 'input', ConvMix(self.dwconv), tail)])
+
+
+def convnext():
+    return nn.ModuleDict(dict(block=ConvNeXtBlock()))
+
+
+def convnext_program(m):
+    return m['block'].sbp_program()
+
+
+def act_block(act):
+    def build():
+        return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1, bias=False), norm=_bn(8, True),
+                                  act=act))
+    return build
+
+
+def act_program(m):
+    return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']),
+                            (BatchNorm(m['norm']), RowLocal(m['act'])))])
+
+
+def grouped_dilated():
+    return nn.ModuleDict(dict(conv=nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2,
+                                             groups=4, bias=False),
+                              norm=_bn(12, True)))
+
+
+def grouped_dilated_program(m):
+    return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']), (BatchNorm(m['norm']), relu()))])
+
+
+def tail_conv_then_bn():
+    """BatchNorm deep in a tail: its statistics term must stay on kept rows."""
+    return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+                              pw=nn.Conv2d(8, 16, 1, bias=False), norm=_bn(16, True)))
+
+
+def tail_conv_then_bn_program(m):
+    return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']),
+                            (RowLocal(m['pw']), BatchNorm(m['norm']), RowLocal(nn.SiLU())))])
+
+
+def mlp_after_conv():
+    """A unit without a row-mixing op reading the previous unit."""
+    return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1), norm=nn.LayerNorm(8),
+                              fc=nn.Linear(8, 8)))
+
+
+def mlp_after_conv_program(m):
+    return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']), (relu(),)),
+                       Unit('mlp', 'conv', IdentityMix(),
+                            (ChannelsLast(m['norm']), ChannelsLast(m['fc']), Add('conv')))])
+
+
+CASES = {
+    'gelu': (act_block(nn.GELU()), act_program),
+    'silu': (act_block(nn.SiLU()), act_program),
+    'grouped_dilated_strided_conv': (grouped_dilated, grouped_dilated_program),
+    '1x1_conv_then_bn_in_tail': (tail_conv_then_bn, tail_conv_then_bn_program),
+    'layernorm_linear_no_mix': (mlp_after_conv, mlp_after_conv_program),
+    'convnext_block': (convnext, convnext_program),
+}
+
+
+def compare(build, program_of, x_shape, mask, recompute=False):
+    """SBP and the reference from equal weights, inputs and random state."""
+    torch.manual_seed(0)
+    modules = build()
+    ref_modules = copy.deepcopy(modules)
+    it = iteration(mask)
+    x = torch.randn(*x_shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    y = program_of(modules)(x, it, 4, recompute=recompute)
+    torch.manual_seed(1)
+    y_ref = reference_program(program_of(ref_modules), x_ref, it, 4)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    return modules, ref_modules, x, x_ref, y, y_ref
+
+
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [29, 16, 1])
+@pytest.mark.parametrize('case', list(CASES))
+def test_op_matches_the_reference(case, height, mask, recompute):
+    build, program_of = CASES[case]
+    modules, ref_modules, x, x_ref, y, y_ref = compare(build, program_of, (4, 8, height, 7),
+                                                       MASKS[mask], recompute)
+    assert torch.equal(y, y_ref)
+    assert_grad_close(x.grad, x_ref.grad, 'input')
+    for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
+        assert_grad_close(p.grad, q.grad, name)
+    for a, b in zip(modules.buffers(), ref_modules.buffers()):
+        assert torch.equal(a, b)  # running statistics updated once, identically
+
+
+def test_convnext_block_forward_is_the_dense_block_bit_for_bit():
+    torch.manual_seed(0)
+    block = ConvNeXtBlock().train()
+    x = torch.randn(4, 8, 21, 9)
+    torch.manual_seed(3)
+    dense = block(x)
+    torch.manual_seed(3)
+    sbp = block.sbp_program()(x, iteration(MASKS['random']), 4)
+    assert torch.equal(sbp, dense)
+    assert (dense == x).flatten(1).all(1).any()  # a path was dropped
+
+
+def test_drop_path_backward_reuses_the_forward_mask():
+    """Samples whose path DropPath dropped pass the output gradient to the input
+    unchanged (identity shortcut only); the others do not."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(drop_prob=0.5).train()
+    x = torch.randn(8, 8, 12, 6, requires_grad=True)
+    torch.manual_seed(5)
+    out = block.sbp_program()(x, iteration(MASKS['all']), 4)
+    dropped = (out == x).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < 8
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    assert torch.equal(x.grad[dropped], grad[dropped])
+    assert not torch.isclose(x.grad[~dropped], grad[~dropped]).all()
+
+
+def test_convnext_block_stores_the_conv_output_and_input_at_kept_rows_only():
+    """At keep 0.5 the block stores its input on kept rows plus the 7x7 halo and
+    the depthwise output on kept rows: nothing of the 4x wide MLP."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(channels=32, drop_prob=0.0).train()
+    n, c, h, w = 2, 32, 64, 16
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    it = iteration(MASKS['grid'])
+    kept = len(it.kept_rows(4, h))
+    meters = {}
+    for name, run in (('dense', lambda: block(x)),
+                      ('sbp', lambda: block.sbp_program()(x, it, 4))):
+        meters[name] = SavedTensorMeter(block)
+        with meters[name].measure():
+            run()
+    halo_in = len(ConvMix(block.dwconv).reads(it.kept_rows(4, h), h))
+    assert meters['sbp'].total_bytes <= 4 * n * c * w * (halo_in + kept)
+    assert meters['sbp'].total_bytes < 0.2 * meters['dense'].total_bytes
+
+
+def test_a_tail_conv_must_be_row_local():
+    with pytest.raises(TypeError, match='must be 1x1, stride 1'):
+        RowLocal(nn.Conv2d(4, 4, 3, padding=1))
