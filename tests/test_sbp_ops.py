@@ -9,6 +9,7 @@ from torch import nn
 from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix,
                            LayerScale, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
 from sbp_reference import reference_program
+from test_sbp_amp import assert_amp_close, run_three_ways
 from test_sbp_models import assert_grad_close
 from test_sbp_program import MASKS, _bn, iteration
 
@@ -187,3 +188,24 @@ def test_convnext_block_stores_the_conv_output_and_input_at_kept_rows_only():
 def test_a_tail_conv_must_be_row_local():
     with pytest.raises(TypeError, match='must be 1x1, stride 1'):
         RowLocal(nn.Conv2d(4, 4, 3, padding=1))
+
+
+@pytest.mark.parametrize('case', ['convnext_block', 'gelu', 'layernorm_linear_no_mix'])
+def test_tails_rerun_under_the_forward_autocast(case):
+    """Under bf16 autocast the tail is re-run in the forward's precision: the
+    output equals the reference's bit for bit, gradients are within autocast's
+    own error of it (the tolerance of ``test_sbp_amp``)."""
+    build, program_of = CASES[case]
+    if case == 'convnext_block':  # no DropPath: the three runs draw different masks
+        def build():
+            return nn.ModuleDict(dict(block=ConvNeXtBlock(drop_prob=0.0)))
+    modules, inputs, outs = run_three_ways(build, program_of, (2, 8, 29, 7), 4,
+                                           MASKS['random'], torch.bfloat16)
+    assert torch.equal(outs['sbp'], outs['ref'])
+    assert_amp_close(inputs['sbp'].grad, inputs['ref'].grad, inputs['fp32'].grad,
+                     torch.bfloat16, 'input')
+    named = [dict(m.named_parameters()) for m in (modules['sbp'], modules['ref'], modules['fp32'])]
+    for name, param in named[0].items():
+        assert param.grad.dtype == param.dtype, name
+        assert_amp_close(param.grad, named[1][name].grad, named[2][name].grad, torch.bfloat16,
+                         name)
