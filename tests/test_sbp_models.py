@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP
-from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration
+from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 from sbp_reference import masking_hooks
 
 STRIDES = (4, 8, 16, 32)
@@ -280,14 +280,35 @@ def test_faster_rcnn_config_saves_much_less_for_backward():
     assert saved['sbp@0.5+recompute'] < 0.8 * saved['sbp@0.5']
 
 
-def test_neck_follows_the_backbone_mask():
+def test_neck_follows_the_backbone_mask_and_publishes_its_strides():
     from sbp_mmdet.benchmark import detector_batch
     model = build_detector(small_faster_rcnn_cfg(True))
     data = detector_batch(model, 2, 96, 128, num_classes=3)
     feats = model.backbone(data['inputs'])
-    assert SBPIteration.owner_of(feats[0]) is model.backbone.sbp_iteration
+    assert isinstance(feats, SBPFeatures) and feats.strides == STRIDES
+    assert feats.iteration is model.backbone.sbp_iteration
+    outs = model.neck(feats)
+    assert isinstance(outs, SBPFeatures) and outs.strides == (4, 8, 16, 32, 64)
+    assert outs.iteration is feats.iteration is model.neck.sbp_iteration
     neck = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
                   sbp=dict(keep_ratio=0.25))
     neck.train()
-    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
+    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the mask it follows'):
         neck(feats)
+
+
+def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
+    """Anything between backbone and neck that rebuilds the feature tuple drops
+    the mask: the neck refuses, unless told to draw its own."""
+    model = build_detector(small_faster_rcnn_cfg(True))
+    feats = model.backbone(torch.rand(2, 3, 64, 96))
+    with pytest.raises(ValueError, match='FPNSBP: its inputs carry no SBP mask .*tuple'):
+        model.neck(tuple(feats))
+    with torch.no_grad():  # no training forward: nothing to follow, nothing asked
+        model.neck(tuple(feats))
+    own = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
+                 sbp=dict(own_mask=True, keep_ratio=0.5))
+    own.train()
+    outs = own(tuple(f.detach() for f in feats))
+    assert outs.iteration is not feats.iteration and outs.iteration.keep_ratio == 0.5
+    assert outs.strides == (1, 2, 4, 8, 16)

@@ -9,11 +9,17 @@
   a tail of row-local ops (norms, activations, 1x1 convs, adds, layer
   scale, DropPath).
 - ``program``: SBP units and the autograd function that runs a block of them.
+- ``context``: ``SBPFeatures``, feature maps carrying the iteration's mask
+  and their strides from one SBP module to the next.
+- ``module``: ``SBPModuleMixin``, what every SBP backbone, neck and head
+  shares.
 - ``memory``: bytes saved for backward, the device-independent measure.
 """
 from .config import SBPConfig
+from .context import SBPFeatures
 from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
+from .module import SBPModuleMixin
 from .norm import BatchNorm
 from .ops import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, RowLocal, TailOp,
                   relu)
@@ -21,5 +27,6 @@ from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
 
 __all__ = ['SBPConfig', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
-           'conv_unit', 'SBPProgram', 'SBPState', 'ConvMix', 'IdentityMix', 'TailOp',
-           'BatchNorm', 'RowLocal', 'ChannelsLast', 'LayerScale', 'Add', 'DropPath', 'relu']
+           'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin', 'ConvMix',
+           'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast', 'LayerScale', 'Add',
+           'DropPath', 'relu']

@@ -93,8 +93,6 @@ class SBPIteration:
         base_stride (int): stride (in input pixels) of the base mask.
     """
 
-    _owners: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
-
     def __init__(self, base_mask: Tensor, base_stride: int, keep_ratio: Optional[float] = None,
                  sampling: Optional[str] = None) -> None:
         self.base_mask = base_mask.to(torch.bool).cpu()
@@ -103,7 +101,6 @@ class SBPIteration:
         self.sampling = sampling
         self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._packs: Dict[int, Dict[int, Tuple[weakref.ref, weakref.ref, Tensor]]] = {}
-        self._feature_strides: Dict[int, Tuple[weakref.ref, int]] = {}
 
     @classmethod
     def sample(cls, sampler: RowMaskSampler, image_height: int, base_stride: int) -> 'SBPIteration':
@@ -166,26 +163,3 @@ class SBPIteration:
         self._packs.setdefault(id(tensor), {})[id(rows)] = (
             weakref.ref(tensor), weakref.ref(data), rows)
         return data, rows
-
-    def set_feature_stride(self, tensor: Tensor, stride: int) -> None:
-        """Record that ``tensor`` (a backbone output) is at ``stride``.
-
-        A neck that receives ``tensor`` finds this iteration through
-        ``owner_of`` and uses the same mask.
-        """
-        self._feature_strides[id(tensor)] = (weakref.ref(tensor), stride)
-        owners = SBPIteration._owners
-        for key in [k for k, (t, _) in owners.items() if t() is None]:
-            del owners[key]
-        owners[id(tensor)] = (weakref.ref(tensor), weakref.ref(self))
-
-    @staticmethod
-    def owner_of(tensor: Tensor) -> Optional['SBPIteration']:
-        """The iteration whose SBP backbone produced ``tensor``, if any."""
-        hit = SBPIteration._owners.get(id(tensor))
-        return hit[1]() if hit is not None and hit[0]() is tensor else None
-
-    def feature_stride(self, tensor: Tensor) -> Optional[int]:
-        """The stride recorded for ``tensor`` in this iteration, if any."""
-        hit = self._feature_strides.get(id(tensor))
-        return hit[1] if hit is not None and hit[0]() is tensor else None

@@ -20,6 +20,7 @@ state)`` runs it on packed rows with that state; ``reference(x, other)`` is
 the plain module call that defines it (the tests' reference). ``other`` is the
 value of the tensor named by ``reads`` (a residual add's second operand).
 """
+import copy
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -129,7 +130,9 @@ class RowLocal(TailOp):
     ``LayerNorm2d``. It must hold no batch statistics and draw no random numbers.
 
     Args:
-        fn: the module or function, applied to ``(N, C, H, W)`` maps.
+        fn: the module or function, applied to ``(N, C, H, W)`` maps. An
+            in-place activation (``nn.ReLU(inplace=True)``) runs out of place:
+            its input may be a stored tensor.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -137,6 +140,9 @@ class RowLocal(TailOp):
         if conv is not None and (conv.kernel_size[0] != 1 or conv.stride[0] != 1
                                  or conv.padding[0] != 0):
             raise TypeError('RowLocal: a conv in a unit tail must be 1x1, stride 1, no padding')
+        if getattr(fn, 'inplace', False):
+            fn = copy.copy(fn)
+            fn.inplace = False
         self.fn = fn
 
     def parameters(self) -> List[Optional[Tensor]]:

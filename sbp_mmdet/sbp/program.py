@@ -65,6 +65,10 @@ class Unit:
     def parameters(self) -> List[Optional[Tensor]]:
         return self.mix.parameters() + [p for op in self.tail for p in op.parameters()]
 
+    def with_tail(self, *ops: TailOp) -> 'Unit':
+        """This unit with ``ops`` appended to its tail."""
+        return Unit(self.name, self.source, self.mix, self.tail + tuple(ops))
+
     def split_tail(self) -> Tuple[Tuple[TailOp, ...], Tuple[Add, ...]]:
         """The tail as (ops re-run under autograd, trailing adds).
 
@@ -107,6 +111,14 @@ class SBPProgram:
 
     def parameters(self) -> List[Optional[Tensor]]:
         return [p for unit in self.units for p in unit.parameters()]
+
+    @property
+    def stride(self) -> int:
+        """The largest stride of a unit output, relative to the input."""
+        strides = {INPUT: 1}
+        for unit in self.units:
+            strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
+        return max(strides.values())
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
                  recompute: bool = False, grad_scale: str = 'none') -> Tensor:

@@ -6,7 +6,7 @@ from typing import Iterable, Iterator, Tuple
 from torch import Tensor, nn
 
 from .config import SBPConfig
-from .masks import RowMaskSampler, SBPIteration
+from .masks import SBPIteration
 from .program import SBPProgram
 
 
@@ -40,18 +40,3 @@ def sbp_states(assignments: Iterable[Tuple[nn.Module, SBPState]]) -> Iterator[No
     finally:
         for module, _ in assignments:
             module.sbp_state = None
-
-
-class SBPModuleMixin:
-    """Shared by SBP backbones and necks: the mask sampler and the keep ratio in force."""
-
-    mask_sampler: RowMaskSampler
-
-    @property
-    def keep_ratio(self) -> float:
-        """The keep ratio in force (``SBPHook`` schedules may change it)."""
-        return self.mask_sampler.keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio

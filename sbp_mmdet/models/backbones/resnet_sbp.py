@@ -1,13 +1,13 @@
 """ResNet with Stochastic Backpropagation."""
-from typing import List, Optional, Sequence, Tuple
+import math
+from typing import List, Optional, Tuple
 
-import torch
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState, Unit, conv_unit
-from ...sbp.state import SBPModuleMixin, sbp_states
+from ...sbp import SBPFeatures, SBPModuleMixin, SBPProgram, SBPState, Unit, conv_unit
+from ...sbp.module import stage_layers, stage_switches
 
 STEM_STRIDE = 4
 
@@ -36,9 +36,9 @@ class _SBPBlockMixin:
 
     sbp_state: Optional[SBPState] = None
 
-    def sbp_program(self, where: Optional[str] = None) -> SBPProgram:
-        """The block as an SBP program; ``where`` names the block in errors."""
-        where = where or type(self).__name__
+    def sbp_program(self) -> SBPProgram:
+        """The block as an SBP program (``sbp_where`` names the block in errors)."""
+        where = getattr(self, 'sbp_where', type(self).__name__)
         _check_block(self, where)
         shortcut, residual = _downsample_unit(self, where)
         *body, (name, source, conv, norm) = self._main_layers()
@@ -122,88 +122,38 @@ class ResNetSBP(SBPModuleMixin, ResNet):
 
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.sbp_cfg, extra = SBPConfig.from_dict(sbp, ('stages', 'blocks'), 'ResNetSBP')
-        self.sbp_blocks = self._resolve_switches(extra.get('stages'), extra.get('blocks'))
-        for i, switches in enumerate(self.sbp_blocks):
-            layer = getattr(self, self.res_layers[i])
-            for j, enabled in enumerate(switches):
-                if enabled:
-                    # fail at build time on unsupported layers, naming them
-                    layer[j].sbp_program(f'ResNetSBP.{self.res_layers[i]}.{j}')
-        self.stage_strides = self._stage_strides()
+        extra = self.init_sbp(sbp, ('stages', 'blocks'))
+        self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
+                                         extra.get('stages'), extra.get('blocks'))
+        self.stage_strides = [STEM_STRIDE * math.prod(self.strides[:i + 1])
+                              for i in range(len(self.strides))]
+        self.sbp_layer_strides = stage_layers(self._stages(), self.sbp_blocks, STEM_STRIDE,
+                                              self.stage_strides)
+        for block, _ in self.sbp_layer_strides:  # fail at build time, naming the block
+            block.sbp_program()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=STEM_STRIDE)
-        self.mask_sampler = RowMaskSampler(self.sbp_cfg)
-        self.sbp_iteration: Optional[SBPIteration] = None
 
     def make_res_layer(self, **kwargs) -> nn.Module:
         kwargs['block'] = _SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
         return super().make_res_layer(**kwargs)
 
-    def _resolve_switches(self, stages: Optional[Sequence[bool]],
-                          blocks: Optional[Sequence[Sequence[bool]]]) -> List[List[bool]]:
-        num = len(self.stage_blocks)
-        if stages is not None and blocks is not None:
-            raise ValueError('ResNetSBP: give sbp.stages or sbp.blocks, not both')
-        if blocks is not None:
-            if len(blocks) != num or any(len(b) != n for b, n in zip(blocks, self.stage_blocks)):
-                raise ValueError(f'ResNetSBP: sbp.blocks must have {num} lists of lengths '
-                                 f'{list(self.stage_blocks)}, got {[len(b) for b in blocks]}')
-            switches = [[bool(s) for s in b] for b in blocks]
-            asked = [any(s) for s in switches]
-        elif stages is not None:
-            if len(stages) != num:
-                raise ValueError(f'ResNetSBP: sbp.stages must have {num} entries (one per '
-                                 f'stage), got {len(stages)}')
-            asked = [bool(s) for s in stages]
-            switches = [[s] * n for s, n in zip(asked, self.stage_blocks)]
-        else:
-            asked = [i < num - 1 and i >= self.frozen_stages for i in range(num)]
-            switches = [[s] * n for s, n in zip(asked, self.stage_blocks)]
-        frozen = [i for i in range(num) if asked[i] and i < self.frozen_stages]
-        if frozen:
-            raise ValueError(
-                f'ResNetSBP: SBP asked on frozen stage(s) {frozen} (frozen_stages='
-                f'{self.frozen_stages}); frozen stages compute no gradients, so SBP would '
-                'change nothing there. Turn it off for those stages in sbp.stages/sbp.blocks.')
-        return switches
-
-    def _stage_strides(self) -> List[int]:
-        strides, stride = [], STEM_STRIDE
-        for s in self.strides:
-            stride *= s
-            strides.append(stride)
-        return strides
+    def _stages(self) -> List[nn.Module]:
+        stages = [getattr(self, name) for name in self.res_layers]
+        for name, stage in zip(self.res_layers, stages):
+            for j, block in enumerate(stage):
+                block.sbp_where = f'{self.sbp_name}.{name}.{j}'
+        return stages
 
     def sbp_active(self) -> bool:
         """Whether the next forward uses SBP."""
-        return (self.training and torch.is_grad_enabled() and self.keep_ratio < 1.0
-                and any(any(s) for s in self.sbp_blocks))
+        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_layer_strides)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if not self.sbp_active():
+        if not self.sbp_training():
+            return super().forward(x)
+        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
+        with self.sbp_layers(iteration, self.sbp_layer_strides):
             outs = super().forward(x)
-            if self.training and torch.is_grad_enabled():  # tell an SBP neck: dense this time
-                self._publish(outs, SBPIteration.dense(self.sbp_base_stride))
-            return outs
-        iteration = SBPIteration.sample(self.mask_sampler, x.shape[2], self.sbp_base_stride)
-        assignments = []
-        in_stride = STEM_STRIDE
-        for i, switches in enumerate(self.sbp_blocks):
-            layer = getattr(self, self.res_layers[i])
-            for j, enabled in enumerate(switches):
-                block_stride = in_stride if j == 0 else self.stage_strides[i]
-                if enabled:
-                    assignments.append((layer[j], SBPState(iteration, block_stride,
-                                                           self.sbp_cfg)))
-            in_stride = self.stage_strides[i]
-        with sbp_states(assignments):
-            outs = super().forward(x)
-        self._publish(outs, iteration)
-        return outs
-
-    def _publish(self, outs: Tuple[Tensor, ...], iteration: SBPIteration) -> None:
-        """Record the iteration and the outputs' strides for the neck and hooks."""
-        for out, i in zip(outs, sorted(self.out_indices)):
-            iteration.set_feature_stride(out, self.stage_strides[i])
-        self.sbp_iteration = iteration
+        return SBPFeatures(outs, iteration,
+                           [self.stage_strides[i] for i in sorted(self.out_indices)])

@@ -1,3 +1,3 @@
-from .fpn_sbp import FPNSBP, SBPConvModule
+from .fpn_sbp import FPNSBP
 
-__all__ = ['FPNSBP', 'SBPConvModule']
+__all__ = ['FPNSBP']

@@ -1,0 +1,3 @@
+from .sbp_conv_module import SBPConvModule
+
+__all__ = ['SBPConvModule']

@@ -1,0 +1,50 @@
+"""mmcv's ``ConvModule`` as an SBP layer (necks and heads build their convs with it)."""
+from typing import Optional
+
+from mmcv.cnn import ConvModule
+from torch import Tensor, nn
+
+from ...sbp import RowLocal, SBPProgram, SBPState, conv_unit
+
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
+
+
+class SBPConvModule(ConvModule):
+    """``ConvModule`` that runs as an SBP unit while ``sbp_state`` is set.
+
+    Supports the order conv -> norm -> act with a plain conv, an optional
+    BatchNorm and an optional elementwise activation (ReLU, GELU, SiLU,
+    LeakyReLU, Sigmoid, Tanh).
+    """
+
+    sbp_state: Optional[SBPState] = None
+
+    @classmethod
+    def adopt(cls, module: ConvModule, where: str) -> 'SBPConvModule':
+        """Turn a built ``ConvModule`` into this class in place (same weights)."""
+        if type(module) is not ConvModule:
+            raise TypeError(f'{where}: expected a ConvModule, got {type(module).__name__}')
+        module.__class__ = cls
+        module.sbp_where = where
+        module.sbp_program()  # fail at build time on unsupported layers
+        return module
+
+    def sbp_program(self) -> SBPProgram:
+        """The layer as an SBP unit."""
+        where = getattr(self, 'sbp_where', type(self).__name__)
+        if self.order != ('conv', 'norm', 'act') or self.with_explicit_padding:
+            raise TypeError(f'{where}: SBP needs order conv-norm-act and zero padding')
+        if self.with_activation and not isinstance(self.activate, _ACTIVATIONS):
+            raise TypeError(f'{where}: SBP supports elementwise activations '
+                            f'{[a.__name__ for a in _ACTIVATIONS]}, '
+                            f'got {type(self.activate).__name__}')
+        unit = conv_unit('conv', 'input', self.conv, self.norm if self.with_norm else None,
+                         where=where)
+        if self.with_activation:
+            unit = unit.with_tail(RowLocal(self.activate))
+        return SBPProgram([unit])
+
+    def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
+        if self.sbp_state is None or not (activate and norm):
+            return super().forward(x, activate, norm)
+        return self.sbp_state.run(self.sbp_program(), x)

@@ -1,0 +1,158 @@
+"""What every SBP backbone, neck and head shares."""
+from contextlib import contextmanager
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .config import SBPConfig
+from .context import SBPFeatures
+from .masks import RowMaskSampler, SBPIteration
+from .state import SBPState, sbp_states
+
+Layers = Iterable[Tuple[nn.Module, int]]
+
+
+class SBPModuleMixin:
+    """The mechanism of an SBP module; the module itself only declares its layers.
+
+    An SBP module subclasses this mixin before its mmdet class, calls
+    ``init_sbp`` in ``__init__`` and, in a training forward, either draws the
+    iteration (``sbp_draw``, the backbone) or follows its input's
+    (``sbp_follow``, necks and heads), runs the parent's forward inside
+    ``sbp_layers`` and returns ``SBPFeatures`` with its outputs' strides. Its
+    layers are modules with a ``sbp_program()`` and a ``sbp_state`` attribute
+    (``SBPConvModule``, the SBP residual blocks).
+
+    ``sbp=dict(...)`` keys: ``keep_ratio``, ``sampling``, ``grid_cell``,
+    ``grad_scale`` and ``recompute`` (see ``SBPConfig``), plus the module's own
+    (``extra_keys`` of ``init_sbp``). A module that follows its input's mask
+    uses that mask's keep ratio and sampling: given ``keep_ratio`` or
+    ``sampling`` must agree with it.
+
+    Attributes:
+        sbp_cfg (SBPConfig): the validated settings.
+        mask_sampler (RowMaskSampler): draws the masks (``SBPHook`` schedules
+            its keep ratio).
+        sbp_iteration (SBPIteration): the iteration of the last training
+            forward (for hooks and tests), None before.
+    """
+
+    sbp_iteration: Optional[SBPIteration] = None
+
+    def init_sbp(self, sbp: Optional[dict], extra_keys: Tuple[str, ...] = ()) -> dict:
+        """Validate ``sbp``; returns the values of ``extra_keys`` that were given."""
+        self.sbp_given = dict(sbp or {})
+        self.sbp_cfg, extras = SBPConfig.from_dict(sbp, extra_keys, self.sbp_name)
+        self.mask_sampler = RowMaskSampler(self.sbp_cfg)
+        return extras
+
+    @property
+    def sbp_name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio in force (``SBPHook`` schedules may change it)."""
+        return self.mask_sampler.keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
+
+    def sbp_training(self) -> bool:
+        """Whether this forward trains (SBP applies, possibly with a dense mask)."""
+        return self.training and torch.is_grad_enabled()
+
+    def sbp_draw(self, image_height: int, base_stride: int, dense: bool = False) -> SBPIteration:
+        """The iteration's mask, drawn by the first SBP module of the forward."""
+        if dense or self.keep_ratio >= 1.0:
+            return SBPIteration.dense(base_stride)
+        return SBPIteration.sample(self.mask_sampler, image_height, base_stride)
+
+    def sbp_follow(self, inputs: Sequence) -> SBPFeatures:
+        """The SBP context that ``inputs`` carry.
+
+        Raises:
+            ValueError: when ``inputs`` carry none (a module in between
+                rebuilt them, or no SBP module drew a mask before this one),
+                or when the module's settings disagree with the mask.
+        """
+        if not isinstance(inputs, SBPFeatures):
+            raise ValueError(
+                f"{self.sbp_name}: its inputs carry no SBP mask (they are a "
+                f"{type(inputs).__name__}, not SBPFeatures): put it right behind an SBP module "
+                '(e.g. ResNetSBP, FPNSBP), with nothing in between that rebuilds the feature '
+                'tuple, or use its dense counterpart')
+        iteration = inputs.iteration
+        if iteration.keep_ratio != 1.0:
+            for key in ('keep_ratio', 'sampling'):
+                value = self.keep_ratio if key == 'keep_ratio' else self.sbp_cfg.sampling
+                if key in self.sbp_given and value != getattr(iteration, key):
+                    raise ValueError(
+                        f'{self.sbp_name}: sbp.{key}={value!r} disagrees with the mask it '
+                        f'follows ({getattr(iteration, key)!r}); drop the key or make them equal')
+        return inputs
+
+    @contextmanager
+    def sbp_layers(self, iteration: SBPIteration, layers: Layers) -> Iterator[None]:
+        """Run ``(layer, input stride)`` pairs with SBP while inside.
+
+        Layers whose output stride the mask does not cover run densely (maps
+        coarser than the base mask), and all of them with a dense mask.
+        """
+        self.sbp_iteration = iteration
+        assignments = [] if iteration.keep_ratio == 1.0 else [
+            (layer, SBPState(iteration, stride, self.sbp_cfg)) for layer, stride in layers
+            if iteration.covers(stride * layer.sbp_program().stride)]
+        with sbp_states(assignments):
+            yield
+
+
+def stage_switches(name: str, stage_blocks: Sequence[int], frozen_stages: int,
+                   stages: Optional[Sequence[bool]],
+                   blocks: Optional[Sequence[Sequence[bool]]]) -> List[List[bool]]:
+    """Per-block SBP switches of a staged backbone from ``sbp.stages``/``sbp.blocks``.
+
+    Default: every stage but the last, skipping frozen stages (the paper's
+    practice: SBP in the early and middle stages, the last blocks dense).
+
+    Raises:
+        ValueError: for both keys, wrong lengths, or SBP on a frozen stage.
+    """
+    num = len(stage_blocks)
+    if stages is not None and blocks is not None:
+        raise ValueError(f'{name}: give sbp.stages or sbp.blocks, not both')
+    if blocks is not None:
+        if len(blocks) != num or any(len(b) != n for b, n in zip(blocks, stage_blocks)):
+            raise ValueError(f'{name}: sbp.blocks must have {num} lists of lengths '
+                             f'{list(stage_blocks)}, got {[len(b) for b in blocks]}')
+        switches = [[bool(s) for s in b] for b in blocks]
+        asked = [any(s) for s in switches]
+    else:
+        if stages is not None and len(stages) != num:
+            raise ValueError(f'{name}: sbp.stages must have {num} entries (one per '
+                             f'stage), got {len(stages)}')
+        asked = [bool(s) for s in stages] if stages is not None else [
+            frozen_stages <= i < num - 1 for i in range(num)]
+        switches = [[s] * n for s, n in zip(asked, stage_blocks)]
+    frozen = [i for i in range(num) if asked[i] and i < frozen_stages]
+    if frozen:
+        raise ValueError(
+            f'{name}: SBP asked on frozen stage(s) {frozen} (frozen_stages='
+            f'{frozen_stages}); frozen stages compute no gradients, so SBP would '
+            'change nothing there. Turn it off for those stages in sbp.stages/sbp.blocks.')
+    return switches
+
+
+def stage_layers(stages: Sequence[Sequence[nn.Module]], switches: Sequence[Sequence[bool]],
+                 stem_stride: int, stage_strides: Sequence[int]) -> List[Tuple[nn.Module, int]]:
+    """``(block, input stride)`` of the switched-on blocks of a staged backbone
+    (the first block of a stage reads the previous stage's stride)."""
+    layers, in_stride = [], stem_stride
+    for blocks, stage_on, stride in zip(stages, switches, stage_strides):
+        for j, (block, on) in enumerate(zip(blocks, stage_on)):
+            if on:
+                layers.append((block, in_stride if j == 0 else stride))
+        in_stride = stride
+    return layers
