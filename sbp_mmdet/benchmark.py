@@ -12,7 +12,8 @@ from mmengine.config import Config
 from .amp import cpu_autocast_fallbacks
 from .sbp import SavedTensorMeter
 
-SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN'}
+SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN', 'RPNHeadSBP': 'RPNHead',
+             'RetinaHeadSBP': 'RetinaHead'}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Variant:
     def apply(self, model_cfg: dict) -> dict:
         """A copy of ``model_cfg`` (with SBP modules) turned into this variant."""
         cfg = copy.deepcopy(model_cfg)
-        for part in ('backbone', 'neck'):
+        for part in ('backbone', 'neck', 'rpn_head', 'bbox_head'):
             sub = cfg.get(part)
             if not isinstance(sub, dict):
                 continue

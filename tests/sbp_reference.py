@@ -5,7 +5,7 @@ output of every op inside it masked the same way (see
 ``sbp_mmdet/sbp/program.py``). This module builds that reference from the ops'
 plain module calls (``reference``), for the tests.
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ def masked(t: Tensor, keep: Tensor) -> Tensor:
 
 
 def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
-                      stride: int) -> Tensor:
+                      stride: int) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Run ``program`` with plain autograd and per-unit keep masks."""
     values: Dict[str, Tensor] = {INPUT: x}
     strides = {INPUT: stride}
@@ -38,7 +38,8 @@ def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
         for op in unit.tail:
             out = masked(op.reference(out, values.get(op.reads)), keep)
         values[unit.name] = out
-    return values[program.output]
+    outs = tuple(values[name] for name in program.outputs)
+    return outs[0] if len(outs) == 1 else outs
 
 
 def masking_hooks(iteration: SBPIteration, stride_of: Callable[[Tensor], int]):

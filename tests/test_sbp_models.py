@@ -10,7 +10,7 @@ from mmengine.hub import get_config
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.models import FPNSBP, ResNetSBP
+from sbp_mmdet.models import FPNSBP, ResNetSBP, RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 from sbp_reference import masking_hooks
 
@@ -176,12 +176,16 @@ def test_fpn_sbp_refuses_group_norm_naming_the_layer():
 
 
 @pytest.mark.parametrize('config', ['configs/faster_rcnn_r50_sbp.py',
-                                    'configs/retinanet_r50_sbp.py'])
+                                    'configs/retinanet_r50_sbp.py',
+                                    'configs/faster_rcnn_r50_sbp_heads.py',
+                                    'configs/retinanet_r50_sbp_heads.py'])
 def test_configs_build(config):
     from mmdet.registry import MODELS
     cfg = Config.fromfile(config)
     model = MODELS.build(cfg.model)
     assert isinstance(model.backbone, ResNetSBP) and isinstance(model.neck, FPNSBP)
+    head = model.rpn_head if hasattr(model, 'rpn_head') else model.bbox_head
+    assert isinstance(head, (RPNHeadSBP, RetinaHeadSBP)) == config.endswith('_heads.py')
     assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
 
 

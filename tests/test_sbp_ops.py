@@ -209,3 +209,44 @@ def test_tails_rerun_under_the_forward_autocast(case):
         assert param.grad.dtype == param.dtype, name
         assert_amp_close(param.grad, named[1][name].grad, named[2][name].grad, torch.bfloat16,
                          name)
+
+
+def two_branch_head():
+    return nn.ModuleDict(dict(a=nn.Conv2d(8, 8, 3, 1, 1), b=nn.Conv2d(8, 8, 3, 1, 1),
+                              cls=nn.Conv2d(8, 3, 3, 1, 1), reg=nn.Conv2d(8, 4, 1)))
+
+
+def two_branch_program(m):
+    return SBPProgram([Unit('a', 'input', ConvMix(m['a']), (relu(),)),
+                       Unit('b', 'input', ConvMix(m['b']), (relu(),)),
+                       Unit('cls', 'a', ConvMix(m['cls'])),
+                       Unit('reg', 'b', ConvMix(m['reg']))], outputs=('cls', 'reg'))
+
+
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [29, 1])
+def test_program_with_two_outputs_matches_the_reference(height, mask, recompute):
+    """A head's two branches as one program: both outputs exact, gradients of
+    a loss on both equal to the reference."""
+    torch.manual_seed(0)
+    modules = two_branch_head()
+    ref_modules = copy.deepcopy(modules)
+    x = torch.randn(2, 8, height, 7, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    it = iteration(MASKS[mask])
+    outs = two_branch_program(modules)(x, it, 8, recompute=recompute)
+    ref_outs = reference_program(two_branch_program(ref_modules), x_ref, it, 8)
+    grads = [torch.randn_like(o) for o in outs]
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
+    assert_grad_close(x.grad, x_ref.grad, 'input')
+    for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
+        assert_grad_close(p.grad, q.grad, name)
+
+
+def test_program_outputs_must_be_units():
+    m = two_branch_head()
+    with pytest.raises(ValueError, match=r"outputs \['head'\] are not units"):
+        SBPProgram([Unit('a', 'input', ConvMix(m['a']))], outputs=('a', 'head'))

@@ -1,5 +1,6 @@
 from .backbones import ResNetSBP
+from .dense_heads import RetinaHeadSBP, RPNHeadSBP
 from .layers import SBPConvModule
 from .necks import FPNSBP
 
-__all__ = ['ResNetSBP', 'FPNSBP', 'SBPConvModule']
+__all__ = ['ResNetSBP', 'FPNSBP', 'RPNHeadSBP', 'RetinaHeadSBP', 'SBPConvModule']

@@ -8,6 +8,7 @@ from torch import nn
 from .config import SBPConfig
 from .context import SBPFeatures
 from .masks import RowMaskSampler, SBPIteration
+from .program import SBPProgram
 from .state import SBPState, sbp_states
 
 Layers = Iterable[Tuple[nn.Module, int]]
@@ -102,11 +103,18 @@ class SBPModuleMixin:
         coarser than the base mask), and all of them with a dense mask.
         """
         self.sbp_iteration = iteration
-        assignments = [] if iteration.keep_ratio == 1.0 else [
-            (layer, SBPState(iteration, stride, self.sbp_cfg)) for layer, stride in layers
-            if iteration.covers(stride * layer.sbp_program().stride)]
-        with sbp_states(assignments):
+        states = [(layer, self.sbp_state(iteration, stride, layer.sbp_program()))
+                  for layer, stride in layers]
+        with sbp_states([(layer, state) for layer, state in states if state is not None]):
             yield
+
+    def sbp_state(self, iteration: SBPIteration, stride: int,
+                  program: SBPProgram) -> Optional[SBPState]:
+        """The state to run ``program`` on a map at ``stride`` with; None where
+        it runs densely (a dense mask, or maps coarser than the base mask)."""
+        if iteration.keep_ratio == 1.0 or not iteration.covers(stride * program.stride):
+            return None
+        return SBPState(iteration, stride, self.sbp_cfg)
 
 
 def stage_switches(name: str, stage_blocks: Sequence[int], frozen_stages: int,

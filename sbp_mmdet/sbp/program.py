@@ -33,7 +33,7 @@ kernels); the tail is re-run under the forward's autocast state, as
 parameters' dtype.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -97,9 +97,16 @@ def conv_unit(name: str, source: str, conv: nn.Conv2d, norm: Optional[nn.Module]
 
 
 class SBPProgram:
-    """An ordered list of units with one input (``'input'``) and one output."""
+    """An ordered list of units with one input (``'input'``).
 
-    def __init__(self, units: Sequence[Unit]) -> None:
+    Args:
+        units: the units, each after those it reads.
+        outputs: names of the units whose values the program returns (a
+            tuple when more than one, e.g. a head's classification and
+            regression branches). Default: the last unit.
+    """
+
+    def __init__(self, units: Sequence[Unit], outputs: Optional[Sequence[str]] = None) -> None:
         known = {INPUT}
         for unit in units:
             for name in [unit.source] + [op.reads for op in unit.tail if op.reads is not None]:
@@ -107,7 +114,10 @@ class SBPProgram:
                     raise ValueError(f'unit {unit.name!r} reads {name!r} before it is computed')
             known.add(unit.name)
         self.units = list(units)
-        self.output = self.units[-1].name
+        self.outputs = tuple(outputs or [self.units[-1].name])
+        unknown = [name for name in self.outputs if name not in known or name == INPUT]
+        if unknown:
+            raise ValueError(f'program outputs {unknown} are not units of the program')
 
     def parameters(self) -> List[Optional[Tensor]]:
         return [p for unit in self.units for p in unit.parameters()]
@@ -121,14 +131,16 @@ class SBPProgram:
         return max(strides.values())
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
-                 recompute: bool = False, grad_scale: str = 'none') -> Tensor:
+                 recompute: bool = False,
+                 grad_scale: str = 'none') -> Union[Tensor, Tuple[Tensor, ...]]:
         """Run the program with SBP on ``x`` (a map at ``stride``)."""
         for unit in self.units:
             for op in unit.tail:
                 if isinstance(op, BatchNorm):
                     op.check_call()
         run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x))
-        return _SBPFunction.apply(run, x, *self.parameters())
+        outs = _SBPFunction.apply(run, x, *self.parameters())
+        return outs[0] if len(self.outputs) == 1 else outs
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -153,7 +165,7 @@ class _Run:
         self.dtype = dtype
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         values: Dict[str, Tensor] = {INPUT: x}
         self.heights = {INPUT: x.shape[2]}
         self.strides = {INPUT: self.in_stride}
@@ -178,7 +190,7 @@ class _Run:
         packed_input, self.input_rows = self.iteration.pack(x, self.input_rows, self.dtype)
         self.to_save = [packed_input] + [
             gather_rows(mixed[name], rows) for name, rows in self.stored_rows.items()]
-        return values[self.program.output]
+        return tuple(values[name] for name in self.program.outputs)
 
     def restore(self, tensors: Sequence[Tensor]) -> None:
         """Take back the tensors that autograd kept for backward."""
@@ -220,7 +232,8 @@ class _Run:
         self.input_rows = _union(value_rows[INPUT], self.kept[INPUT])
 
     # --------------------------------------------------------------- backward
-    def backward(self, grad_output: Tensor) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
+    def backward(self, grad_outputs: Sequence[Tensor]
+                 ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
         units = self.program.units
         mixed = dict(self.saved)
         for unit in units:  # recompute what was not stored, in program order
@@ -230,9 +243,11 @@ class _Run:
                                      unit.mix.reads(rows, self.heights[unit.source]))
                 mixed[unit.name] = Packed(unit.mix.rows(source, rows), rows,
                                           self.heights[unit.name])
-        grads: Dict[str, Tensor] = {self.program.output: gather_rows(
-            grad_output, self.kept[self.program.output]).to(self.dtype)}
-        grad_input = grad_output.new_zeros(self.shape, dtype=self.dtype) \
+        grads: Dict[str, Tensor] = {}
+        for name, grad in zip(self.program.outputs, grad_outputs):
+            self._accumulate(name, self.kept[name], gather_rows(grad, self.kept[name]), grads,
+                             None)
+        grad_input = grad_outputs[0].new_zeros(self.shape, dtype=self.dtype) \
             if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(units):
@@ -337,17 +352,17 @@ class _SBPFunction(torch.autograd.Function):
     """Dense forward, backward on kept rows (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, run: _Run, x: Tensor, *params: Optional[Tensor]) -> Tensor:
+    def forward(ctx, run: _Run, x: Tensor, *params: Optional[Tensor]) -> Tuple[Tensor, ...]:
         ctx.run = run
-        out = run.forward(x)
+        outs = run.forward(x)
         ctx.save_for_backward(*run.to_save)
         del run.to_save
-        return out
+        return outs
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, *grad_outputs: Tensor):
         run = ctx.run
         del ctx.run
         run.restore(ctx.saved_tensors)
-        grad_input, param_grads = run.backward(grad_output.contiguous())
+        grad_input, param_grads = run.backward([g.contiguous() for g in grad_outputs])
         return (None, grad_input, *param_grads)

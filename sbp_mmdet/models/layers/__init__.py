@@ -1,3 +1,3 @@
-from .sbp_conv_module import SBPConvModule
+from .sbp_conv_module import SBPConvModule, conv_module_unit
 
-__all__ = ['SBPConvModule']
+__all__ = ['SBPConvModule', 'conv_module_unit']

@@ -4,7 +4,7 @@ from typing import Optional
 from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
-from ...sbp import RowLocal, SBPProgram, SBPState, conv_unit
+from ...sbp import RowLocal, SBPProgram, SBPState, Unit, conv_unit
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
 
@@ -31,20 +31,27 @@ class SBPConvModule(ConvModule):
 
     def sbp_program(self) -> SBPProgram:
         """The layer as an SBP unit."""
-        where = getattr(self, 'sbp_where', type(self).__name__)
-        if self.order != ('conv', 'norm', 'act') or self.with_explicit_padding:
-            raise TypeError(f'{where}: SBP needs order conv-norm-act and zero padding')
-        if self.with_activation and not isinstance(self.activate, _ACTIVATIONS):
-            raise TypeError(f'{where}: SBP supports elementwise activations '
-                            f'{[a.__name__ for a in _ACTIVATIONS]}, '
-                            f'got {type(self.activate).__name__}')
-        unit = conv_unit('conv', 'input', self.conv, self.norm if self.with_norm else None,
-                         where=where)
-        if self.with_activation:
-            unit = unit.with_tail(RowLocal(self.activate))
-        return SBPProgram([unit])
+        return SBPProgram([conv_module_unit(self, 'conv', 'input',
+                                            getattr(self, 'sbp_where', type(self).__name__))])
 
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         if self.sbp_state is None or not (activate and norm):
             return super().forward(x, activate, norm)
         return self.sbp_state.run(self.sbp_program(), x)
+
+
+def conv_module_unit(module: ConvModule, name: str, source: str, where: str) -> Unit:
+    """A ``ConvModule`` (conv -> norm -> act) as the unit ``name`` reading ``source``.
+
+    Raises:
+        TypeError: for what SBP cannot run, naming ``where``.
+    """
+    if module.order != ('conv', 'norm', 'act') or module.with_explicit_padding:
+        raise TypeError(f'{where}: SBP needs order conv-norm-act and zero padding')
+    if module.with_activation and not isinstance(module.activate, _ACTIVATIONS):
+        raise TypeError(f'{where}: SBP supports elementwise activations '
+                        f'{[a.__name__ for a in _ACTIVATIONS]}, '
+                        f'got {type(module.activate).__name__}')
+    unit = conv_unit(name, source, module.conv, module.norm if module.with_norm else None,
+                     where=where)
+    return unit.with_tail(RowLocal(module.activate)) if module.with_activation else unit

@@ -1,0 +1,42 @@
+"""RetinaNet head with Stochastic Backpropagation."""
+from typing import Optional
+
+from mmdet.models.dense_heads import RetinaHead
+from mmdet.registry import MODELS
+
+from ...sbp import SBPProgram, conv_unit
+from ..layers import conv_module_unit
+from .sbp_head_mixin import SBPDenseHeadMixin
+
+
+@MODELS.register_module()
+class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
+    """``RetinaHead`` whose cls and reg towers train with SBP on every level the
+    mask covers.
+
+    Same arguments and ``state_dict`` as mmdet's ``RetinaHead``, identical
+    outputs. Put it behind an SBP neck (``FPNSBP``).
+
+    Args:
+        sbp (dict, optional): ``grad_scale``, ``recompute`` (see
+            ``ResNetSBP``); ``keep_ratio``/``sampling``, if given, must agree
+            with the mask it follows. Default: None.
+        *args, **kwargs: the arguments of ``mmdet.models.RetinaHead``.
+    """
+
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_sbp(sbp)
+        self.sbp_program()  # fail at build time on unsupported layers
+
+    def sbp_program(self) -> SBPProgram:
+        units = []
+        for branch, convs, out in (('cls', self.cls_convs, self.retina_cls),
+                                   ('reg', self.reg_convs, self.retina_reg)):
+            source = 'input'
+            for i, module in enumerate(convs):
+                name = f'{branch}_convs.{i}'
+                units.append(conv_module_unit(module, name, source, f'{self.sbp_name}.{name}'))
+                source = name
+            units.append(conv_unit(branch, source, out, where=f'{self.sbp_name}.retina_{branch}'))
+        return SBPProgram(units, outputs=('cls', 'reg'))

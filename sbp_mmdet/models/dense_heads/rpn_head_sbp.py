@@ -1,0 +1,44 @@
+"""RPN head with Stochastic Backpropagation."""
+from typing import Optional
+
+from mmdet.models.dense_heads import RPNHead
+from mmdet.registry import MODELS
+
+from ...sbp import SBPProgram, conv_unit, relu
+from ..layers import conv_module_unit
+from .sbp_head_mixin import SBPDenseHeadMixin
+
+
+@MODELS.register_module()
+class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
+    """``RPNHead`` whose conv tower trains with SBP on every level the mask covers.
+
+    Same arguments and ``state_dict`` as mmdet's ``RPNHead``, identical
+    outputs. Put it behind an SBP neck (``FPNSBP``).
+
+    Args:
+        sbp (dict, optional): ``grad_scale``, ``recompute`` (see
+            ``ResNetSBP``); ``keep_ratio``/``sampling``, if given, must agree
+            with the mask it follows. Default: None.
+        *args, **kwargs: the arguments of ``mmdet.models.RPNHead``.
+    """
+
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_sbp(sbp)
+        self.sbp_program()  # fail at build time on unsupported layers
+
+    def sbp_program(self) -> SBPProgram:
+        where = self.sbp_name
+        if self.num_convs > 1:
+            units = [conv_module_unit(m, f'conv{i}', f'conv{i - 1}' if i else 'input',
+                                      f'{where}.rpn_conv.{i}')
+                     for i, m in enumerate(self.rpn_conv)]
+            units[-1] = units[-1].with_tail(relu())
+        else:
+            units = [conv_unit('conv0', 'input', self.rpn_conv, relu_after=True,
+                               where=f'{where}.rpn_conv')]
+        last = units[-1].name
+        units += [conv_unit('cls', last, self.rpn_cls, where=f'{where}.rpn_cls'),
+                  conv_unit('reg', last, self.rpn_reg, where=f'{where}.rpn_reg')]
+        return SBPProgram(units, outputs=('cls', 'reg'))

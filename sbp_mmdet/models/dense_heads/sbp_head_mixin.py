@@ -1,0 +1,35 @@
+"""What SBP dense heads share: one program per FPN level, each with its stride's mask."""
+from typing import List, Tuple
+
+from torch import Tensor
+
+from ...sbp import SBPIteration, SBPModuleMixin, SBPProgram
+
+
+class SBPDenseHeadMixin(SBPModuleMixin):
+    """A dense head whose tower, shared across FPN levels, trains with SBP.
+
+    The head follows the mask of the ``SBPFeatures`` it receives (an SBP
+    neck's output): each level runs ``sbp_program()`` with the mask at its own
+    stride; levels coarser than the base mask run densely (``forward_single``).
+    A subclass declares ``sbp_program()``, whose outputs are those of
+    ``forward_single`` in order, and calls ``init_sbp`` in ``__init__``.
+    ``sbp=dict(...)`` keys: see ``SBPModuleMixin``.
+    """
+
+    def sbp_program(self) -> SBPProgram:
+        raise NotImplementedError
+
+    def forward(self, x: Tuple[Tensor, ...]) -> Tuple[List[Tensor], ...]:
+        if not self.sbp_training():
+            return super().forward(x)
+        features = self.sbp_follow(x)
+        self.sbp_iteration = features.iteration
+        outs = [self._sbp_level(feat, stride, features.iteration)
+                for feat, stride in zip(features, features.strides)]
+        return tuple(map(list, zip(*outs)))
+
+    def _sbp_level(self, x: Tensor, stride: int, iteration: SBPIteration) -> tuple:
+        program = self.sbp_program()
+        state = self.sbp_state(iteration, stride, program)
+        return self.forward_single(x) if state is None else state.run(program, x)

@@ -1,0 +1,122 @@
+"""RPNHeadSBP and RetinaHeadSBP: drop-in, exact forward, reference gradients, less memory."""
+import math
+
+import pytest
+import torch
+from mmdet.models.dense_heads import RetinaHead, RPNHead
+from mmengine.hub import get_config
+
+from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
+from sbp_mmdet.sbp import SavedTensorMeter
+from sbp_reference import masked, row_mask
+from test_sbp_models import (add_reference_hooks, assert_grads_match, build_detector,
+                             enabled_blocks, preprocessed_batch, small_faster_rcnn_cfg,
+                             total_loss)
+
+
+def small_retinanet_cfg(sbp: bool, heads: bool = True) -> dict:
+    cfg = get_config('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py').model
+    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
+    cfg.neck.update(in_channels=[64, 128, 256, 512], out_channels=32)
+    cfg.bbox_head.update(in_channels=32, feat_channels=32, stacked_convs=2, num_classes=3)
+    if sbp:
+        cfg.backbone.update(type='ResNetSBP', sbp=dict(keep_ratio=0.5, sampling='random'))
+        cfg.neck.type = 'FPNSBP'
+        if heads:
+            cfg.bbox_head.type = 'RetinaHeadSBP'
+    return cfg
+
+
+def faster_rcnn_cfg(sbp: bool) -> dict:
+    cfg = small_faster_rcnn_cfg(sbp)
+    if sbp:
+        cfg.rpn_head.type = 'RPNHeadSBP'
+    return cfg
+
+
+def head_hooks(head, iteration, image_height):
+    """Mask the head's unit outputs (convs and conv modules) per level, on the
+    levels whose stride the mask covers (the others run densely)."""
+    def hook(module, args, output):
+        stride = next(s for s in (4, 8, 16, 32, 64, 128)
+                      if math.ceil(image_height / s) == output.shape[2])
+        if not iteration.covers(stride):
+            return output
+        return masked(output, row_mask(iteration, stride, output))
+    return [m.register_forward_hook(hook) for m in head.modules()
+            if isinstance(m, torch.nn.Conv2d) or type(m).__name__ == 'ConvModule']
+
+
+def reference_units(dense, sbp_model, iteration, neck_levels):
+    units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+    for i, stride in neck_levels:
+        if iteration.covers(stride):
+            units += [dense.neck.lateral_convs[i], dense.neck.fpn_convs[i]]
+    return units
+
+
+@pytest.mark.parametrize('shapes', [
+    [(96, 128)] * 2,
+    [(37, 53), (61, 29)],  # padded to one size
+    [(448, 32)] * 2,  # extreme aspect ratio
+    [(20, 28)] * 2,  # 1-row coarse levels
+])
+@pytest.mark.parametrize('detector', ['faster_rcnn', 'retinanet'])
+def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes):
+    cfg_of = faster_rcnn_cfg if detector == 'faster_rcnn' else small_retinanet_cfg
+    sbp_model = build_detector(cfg_of(True))
+    dense = build_detector(cfg_of(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, shapes)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    head_name = 'rpn_head' if detector == 'faster_rcnn' else 'bbox_head'
+    assert getattr(sbp_model, head_name).sbp_iteration is iteration
+    height = data['inputs'].shape[2]
+    levels = [(0, 4), (1, 8), (2, 16), (3, 32)] if detector == 'faster_rcnn' else \
+        [(0, 8), (1, 16), (2, 32)]
+    add_reference_hooks(reference_units(dense, sbp_model, iteration, levels), iteration, height)
+    head_hooks(getattr(dense, head_name), iteration, height)
+    ref_loss = total_loss(dense, data)
+    assert torch.equal(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(sbp_model, dense)
+
+
+@pytest.mark.parametrize('sbp_cls,dense_cls,kwargs', [
+    (RPNHeadSBP, RPNHead, dict(in_channels=16, feat_channels=16)),
+    (RPNHeadSBP, RPNHead, dict(in_channels=16, feat_channels=16, num_convs=2)),
+    (RetinaHeadSBP, RetinaHead, dict(num_classes=3, in_channels=16, feat_channels=16,
+                                     stacked_convs=2)),
+])
+def test_heads_are_drop_in_and_refuse_inputs_without_a_mask(sbp_cls, dense_cls, kwargs):
+    torch.manual_seed(0)
+    head = sbp_cls(**kwargs)
+    dense = dense_cls(**kwargs)
+    head.load_state_dict(dense.state_dict(), strict=True)
+    dense.load_state_dict(head.state_dict(), strict=True)
+    feats = tuple(torch.rand(2, 16, 16 // 2**i, 12) for i in range(3))
+    head.train()
+    with pytest.raises(ValueError, match=f'{sbp_cls.__name__}: its inputs carry no SBP mask'):
+        head(feats)
+    head.eval()
+    dense.eval()
+    with torch.no_grad():
+        for a, b in zip(head(feats), dense(feats)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_rpn_head_saves_much_less_for_backward():
+    """The SBP RPN head stores its input at kept rows plus the 3x3 halo and its
+    conv output at kept rows on the covered levels (P2-P4 here)."""
+    saved = {}
+    data = None
+    for sbp in (False, True):
+        model = build_detector(faster_rcnn_cfg(sbp))
+        data = data or preprocessed_batch(model, [(256, 320)] * 2)
+        meter = SavedTensorMeter(model, {'rpn_head': model.rpn_head})
+        with meter.measure():
+            total_loss(model, data)
+        saved[sbp] = meter.by_component['rpn_head']
+    assert saved[True] < 0.75 * saved[False]
