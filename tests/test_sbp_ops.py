@@ -34,9 +34,8 @@ class ConvNeXtBlock(nn.Module):
 
     def sbp_program(self):
         """The block as one SBP unit: a depthwise 7x7 conv and a row-local tail."""
-        tail = (ChannelsLast(self.norm), ChannelsLast(self.pwconv1), RowLocal(self.act),
-                ChannelsLast(self.pwconv2), LayerScale(self.gamma), DropPath(self.drop_path),
-                Add('input'))
+        tail = (ChannelsLast(self.norm, self.pwconv1, self.act, self.pwconv2),
+                LayerScale(self.gamma), DropPath(self.drop_path), Add('input'))
         return SBPProgram([Unit('block', 'input', ConvMix(self.dwconv), tail)])
 
 
@@ -90,7 +89,7 @@ def mlp_after_conv():
 def mlp_after_conv_program(m):
     return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']), (relu(),)),
                        Unit('mlp', 'conv', IdentityMix(),
-                            (ChannelsLast(m['norm']), ChannelsLast(m['fc']), Add('conv')))])
+                            (ChannelsLast(m['norm'], m['fc']), Add('conv')))])
 
 
 CASES = {
@@ -137,10 +136,11 @@ def test_op_matches_the_reference(case, height, mask, recompute):
         assert torch.equal(a, b)  # running statistics updated once, identically
 
 
-def test_convnext_block_forward_is_the_dense_block_bit_for_bit():
+@pytest.mark.parametrize('channels,width', [(8, 9), (16, 24), (64, 40)])
+def test_convnext_block_forward_is_the_dense_block_bit_for_bit(channels, width):
     torch.manual_seed(0)
-    block = ConvNeXtBlock().train()
-    x = torch.randn(4, 8, 21, 9)
+    block = ConvNeXtBlock(channels).train()
+    x = torch.randn(4, channels, 21, width)
     torch.manual_seed(3)
     dense = block(x)
     torch.manual_seed(3)

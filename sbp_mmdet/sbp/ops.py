@@ -152,12 +152,28 @@ class RowLocal(TailOp):
         return self.fn(x)
 
 
-class ChannelsLast(RowLocal):
-    """A module over the channel axis (``nn.Linear``, ``nn.LayerNorm``) of an
-    ``(N, C, H, W)`` map: runs it on ``(N, H, W, C)`` and moves channels back."""
+class ChannelsLast(TailOp):
+    """Modules over the channel axis (``nn.Linear``, ``nn.LayerNorm``, and
+    activations between them) of an ``(N, C, H, W)`` map: runs them in turn on
+    the ``(N, H, W, C)`` view and moves channels back, as ConvNeXt-style blocks
+    do (one permute around the whole sequence keeps the memory layout, and so
+    the forward values, those of the dense block).
+
+    Args:
+        *fns: the modules or functions, applied to ``(N, H, W, C)`` tensors.
+    """
+
+    def __init__(self, *fns: Callable[[Tensor], Tensor]) -> None:
+        self.fns = [RowLocal(fn).fn for fn in fns]
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [p for fn in self.fns if isinstance(fn, nn.Module) for p in fn.parameters()]
 
     def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
-        return self.fn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)
+        for fn in self.fns:
+            x = fn(x)
+        return x.permute(0, 3, 1, 2)
 
 
 class LayerScale(TailOp):
@@ -178,7 +194,11 @@ class LayerScale(TailOp):
 
 
 class Add(TailOp):
-    """Adds the tensor ``name`` (a residual or shortcut).
+    """Adds the tensor ``name`` (a residual or shortcut): ``shortcut + x``.
+
+    The shortcut comes first, as in ``x = shortcut + f(x)``: the sum takes its
+    memory layout, so the next layer computes on the layout (and so the
+    values) of the dense block.
 
     Args:
         name: ``'input'`` or an earlier unit of the program.
@@ -188,7 +208,7 @@ class Add(TailOp):
         self.reads = name
 
     def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
-        return x + other
+        return other + x
 
 
 class DropPath(TailOp):
