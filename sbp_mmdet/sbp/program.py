@@ -291,8 +291,7 @@ class _Run:
         grad_src, mix_grads = unit.mix.backward(source, kept, grad, need_input)
         if grad_src is not None:
             self._accumulate(unit.source, grad_src.rows, grad_src.data, grads, grad_input)
-        param_grads = mix_grads + tail_grads + [None] * len(
-            [p for op in trailing for p in op.parameters()])
+        param_grads = mix_grads + tail_grads  # adds have no parameters
         if self.grad_scale == 'inverse_keep':
             scale = self.heights[unit.name] / len(kept)
             return [None if g is None else g * scale for g in param_grads]
