@@ -120,3 +120,25 @@ def test_rpn_head_saves_much_less_for_backward():
             total_loss(model, data)
         saved[sbp] = meter.by_component['rpn_head']
     assert saved[True] < 0.75 * saved[False]
+
+
+@pytest.mark.parametrize('detector', ['faster_rcnn', 'retinanet'])
+def test_detector_with_sbp_head_under_cpu_autocast(detector):
+    """bf16 autocast: the loss equals the dense detector's under the same autocast
+    (the heads' programs compute in bf16 like the dense convs) and gradients are
+    finite fp32."""
+    from sbp_mmdet.amp import cpu_autocast_fallbacks
+    cfg_of = faster_rcnn_cfg if detector == 'faster_rcnn' else small_retinanet_cfg
+    sbp_model = build_detector(cfg_of(True))
+    dense = build_detector(cfg_of(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, [(96, 128)] * 2)
+    losses = {}
+    for name, model in (('sbp', sbp_model), ('dense', dense)):
+        with cpu_autocast_fallbacks(model), torch.autocast('cpu', dtype=torch.bfloat16):
+            losses[name] = total_loss(model, data)
+    assert torch.equal(losses['sbp'], losses['dense'])
+    losses['sbp'].backward()
+    head = sbp_model.rpn_head if detector == 'faster_rcnn' else sbp_model.bbox_head
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               and torch.isfinite(p.grad).all() for p in head.parameters())
