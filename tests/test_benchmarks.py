@@ -41,10 +41,10 @@ def run_accuracy_tool(tmp_path: Path, workspace: Path, *args: str) -> dict:
 
 def test_variants_parse_and_turn_the_config_dense_or_sbp():
     model = dict(backbone=dict(type='ResNetSBP', sbp=dict(keep_ratio=0.5)),
-                 neck=dict(type='FPNSBP'))
+                 neck=dict(type='FPNSBP'), rpn_head=dict(type='RPNHeadSBP'))
     dense = Variant.parse('dense').apply(model)
     assert dense['backbone']['type'] == 'ResNet' and 'sbp' not in dense['backbone']
-    assert dense['neck']['type'] == 'FPN'
+    assert dense['neck']['type'] == 'FPN' and dense['rpn_head']['type'] == 'RPNHead'
     sbp = Variant.parse('sbp@0.25+recompute+cp').apply(model)
     assert sbp['backbone']['sbp'] == dict(keep_ratio=0.25, recompute=True)
     assert sbp['backbone']['with_cp'] and sbp['neck']['type'] == 'FPNSBP'
@@ -222,6 +222,10 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.grad_scale=inverse_keep', 'model.neck.sbp.grad_scale=inverse_keep']
     assert tool.variant_options('sbp@0.5:dense_neck') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN']
+    assert tool.variant_options('sbp@0.5:sbp_rpn_head') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
+    assert tool.variant_options('sbp@0.5:sbp_retina_head') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.bbox_head.type=RetinaHeadSBP']
     for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
         with pytest.raises(ValueError, match='variant'):
             tool.variant_options(bad)

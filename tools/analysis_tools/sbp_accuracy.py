@@ -5,9 +5,11 @@ For each variant and seed this runs ``tools/train.py`` then ``tools/test.py``
 with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
 ``:random`` (random instead of grid sampling), ``:stages=0110`` (which
 backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
-(gradients scaled by 1/keep ratio in backbone and neck) and ``:dense_neck``
-(mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only) suffixes,
-e.g. ``sbp@0.5:random``.
+(gradients scaled by 1/keep ratio in backbone and neck), ``:dense_neck``
+(mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
+``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
+instead of the dense head: SBP in the head too) suffixes, e.g.
+``sbp@0.5:random``.
 
 Example::
 
@@ -26,6 +28,8 @@ import time
 from typing import Dict, List
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
+                 'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
 
 
 def parse_args(argv=None):
@@ -55,7 +59,8 @@ def variant_options(name: str) -> List[str]:
         return ['model.backbone.sbp.keep_ratio=1.0']
     if not head.startswith('sbp@'):
         raise ValueError(f'unknown variant {name!r}: use dense or '
-                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]')
+                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
+                         '[:sbp_rpn_head|:sbp_retina_head]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -69,6 +74,8 @@ def variant_options(name: str) -> List[str]:
             opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in ('backbone', 'neck')]
         elif suffix == 'dense_neck':
             opts.append('model.neck.type=FPN')
+        elif suffix in HEAD_SUFFIXES:
+            opts.append(HEAD_SUFFIXES[suffix])
         else:
             raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
     return opts
