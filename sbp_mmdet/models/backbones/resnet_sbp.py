@@ -127,9 +127,13 @@ class ResNetSBP(SBPModuleMixin, ResNet):
                                          extra.get('stages'), extra.get('blocks'))
         self.stage_strides = [STEM_STRIDE * math.prod(self.strides[:i + 1])
                               for i in range(len(self.strides))]
-        self.sbp_layer_strides = stage_layers(self._stages(), self.sbp_blocks, STEM_STRIDE,
-                                              self.stage_strides)
-        for block, _ in self.sbp_layer_strides:  # fail at build time, naming the block
+        stages = [getattr(self, name) for name in self.res_layers]
+        for name, stage in zip(self.res_layers, stages):
+            for j, block in enumerate(stage):
+                block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
+        self.sbp_block_inputs = stage_layers(stages, self.sbp_blocks, STEM_STRIDE,
+                                             self.stage_strides)
+        for block, _ in self.sbp_block_inputs:  # fail at build time, naming the block
             block.sbp_program()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=STEM_STRIDE)
@@ -138,22 +142,15 @@ class ResNetSBP(SBPModuleMixin, ResNet):
         kwargs['block'] = _SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
         return super().make_res_layer(**kwargs)
 
-    def _stages(self) -> List[nn.Module]:
-        stages = [getattr(self, name) for name in self.res_layers]
-        for name, stage in zip(self.res_layers, stages):
-            for j, block in enumerate(stage):
-                block.sbp_where = f'{self.sbp_name}.{name}.{j}'
-        return stages
-
     def sbp_active(self) -> bool:
         """Whether the next forward uses SBP."""
-        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_layer_strides)
+        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_block_inputs)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         if not self.sbp_training():
             return super().forward(x)
         iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
-        with self.sbp_layers(iteration, self.sbp_layer_strides):
+        with self.sbp_layers(iteration, self.sbp_block_inputs):
             outs = super().forward(x)
         return SBPFeatures(outs, iteration,
                            [self.stage_strides[i] for i in sorted(self.out_indices)])
