@@ -7,3 +7,5 @@ custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
 model = dict(
     backbone=dict(type='ResNetSBP', sbp=dict(keep_ratio=0.5, sampling='grid')),
     neck=dict(type='FPNSBP'))
+# Keep-ratio schedules, SBP logging and exact --resume (masks and random draws).
+custom_hooks = [dict(type='SBPHook')]

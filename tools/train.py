@@ -22,7 +22,8 @@ from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
-from sbp_mmdet.utils import DatasetError, check_dataset, load_tool_config
+from sbp_mmdet.utils import (DatasetError, ResumeError, check_dataset, load_tool_config,
+                             prepare_resume)
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +87,8 @@ def main() -> None:
     try:
         check_dataset(cfg, ['train_dataloader'] +
                       (['val_dataloader', 'val_evaluator'] if validates else []))
-    except DatasetError as err:
+        prepare_resume(cfg)  # the checkpoint's seed, before the dataloaders are built
+    except (DatasetError, ResumeError) as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
