@@ -1,6 +1,7 @@
 """Two CPU processes through mmengine's launcher: tools/dist_train.sh and dist_test.sh."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,10 @@ def free_port() -> int:
 
 
 def run_script(script: str, args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1')
+    """``bash tools/<script> args`` in ``cwd``, this folder importable (``sbp_recorder``)."""
+    path = os.pathsep.join([str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')])
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1',
+               PYTHONPATH=path)
     proc = subprocess.run(['bash', str(REPO / 'tools' / script)] + [str(a) for a in args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f'{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
@@ -45,3 +49,39 @@ def test_two_process_cpu_training_and_evaluation_with_sbp(tmp_path):
     metrics = json.loads(sorted((tmp_path / 'work_dirs' / 'dist_test').glob('*/*.json'))[-1]
                          .read_text())
     assert 'coco/bbox_mAP' in metrics
+
+
+@pytest.mark.slow
+def test_two_process_run_resumed_mid_epoch_repeats_losses_and_masks_of_every_rank(tmp_path):
+    """2 processes, no fixed seed, random flips: resumed from the iteration-3
+    checkpoint (the dataloader advances across an epoch end: 4 images per rank,
+    batch 2), each rank logs the losses and draws the masks of the
+    uninterrupted run; the ranks draw different masks."""
+    cfg = Config.fromfile(str(TINY_SBP))
+    generate_synthetic_coco(str(tmp_path / cfg.data_root), num_train=8, num_val=4,
+                            img_size=cfg.img_scale[0], progress=False)
+    config = tmp_path / 'recorded.py'
+    config.write_text(f'_base_ = {str(TINY_SBP)!r}\n'
+                      "custom_imports = dict(imports=['sbp_mmdet', 'sbp_recorder'], "
+                      'allow_failed_imports=False)\n'
+                      "custom_hooks = [dict(type='SBPHook'), dict(type='SBPRecorderHook')]\n")
+    options = ['--cfg-options', 'train_cfg.max_iters=6', 'default_hooks.checkpoint.interval=3',
+               'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None']
+    full, resumed = tmp_path / 'work_dirs' / 'full', tmp_path / 'work_dirs' / 'resumed'
+    run_script('dist_train.sh', [config, 2, '--work-dir', full, *options], tmp_path)
+    resumed.mkdir()
+    shutil.copy(full / 'iter_3.pth', resumed)
+    run_script('dist_train.sh', [config, 2, '--work-dir', resumed, '--resume',
+                                 resumed / 'iter_3.pth', *options], tmp_path)
+    masks = {}
+    for rank in (0, 1):
+        expected = [json.loads(line) for line in
+                    (full / f'record_rank{rank}.jsonl').read_text().splitlines()]
+        got = [json.loads(line) for line in
+               (resumed / f'record_rank{rank}.jsonl').read_text().splitlines()]
+        assert [r['iter'] for r in got] == [4, 5, 6]
+        assert [r['mask'] for r in got] == [r['mask'] for r in expected[3:]]
+        assert [r['loss'] for r in got] == pytest.approx([r['loss'] for r in expected[3:]],
+                                                         rel=1e-6)
+        masks[rank] = [r['mask'] for r in expected]
+    assert masks[0] != masks[1]
