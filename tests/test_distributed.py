@@ -33,20 +33,50 @@ def run_script(script: str, args, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-def test_two_process_cpu_training_and_evaluation_with_sbp(tmp_path):
+def clone_like(folder: Path) -> Path:
+    """``folder`` laid out as a clone after ``make env``: the repository's tools,
+    configs and package, and ``.venv`` (this interpreter's environment); a
+    ``python`` on ``PATH`` that cannot run anything, as a system Python without
+    torch; and the tiny dataset."""
+    for name in ('tools', 'configs'):  # copies: the scripts find .venv next to tools/
+        shutil.copytree(REPO / name, folder / name)
+    (folder / 'sbp_mmdet').symlink_to(REPO / 'sbp_mmdet')
+    (folder / '.venv').symlink_to(Path(sys.prefix))
+    fake_bin = folder / 'system_bin'
+    fake_bin.mkdir()
+    for name in ('python', 'python3'):
+        (fake_bin / name).write_text('#!/bin/sh\necho "no torch here" >&2\nexit 1\n')
+        (fake_bin / name).chmod(0o755)
     cfg = Config.fromfile(str(TINY_SBP))
-    generate_synthetic_coco(str(tmp_path / cfg.data_root), num_train=8, num_val=4,
+    generate_synthetic_coco(str(folder / cfg.data_root), num_train=8, num_val=4,
                             img_size=cfg.img_scale[0], progress=False)
-    run_script('dist_train.sh', [TINY_SBP, 2, '--work-dir', 'work_dirs/dist'], tmp_path)
-    work = tmp_path / 'work_dirs' / 'dist'
-    checkpoint = work / f'iter_{cfg.train_cfg.max_iters}.pth'
+    return folder
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_and_evaluation_with_sbp_as_the_readme_writes_it(tmp_path):
+    """``bash tools/dist_train.sh CONFIG 2`` from the repository root, with no
+    PYTHON set and no usable ``python`` on PATH: the scripts find ``.venv``."""
+    clone = clone_like(tmp_path)
+    env = dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1',
+               PATH=f"{clone / 'system_bin'}{os.pathsep}{os.environ['PATH']}")
+    env.pop('PYTHON', None)
+    config = 'configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
+    proc = subprocess.run(['bash', 'tools/dist_train.sh', config, '2'], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = clone / 'work_dirs' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny'
+    max_iters = Config.fromfile(str(TINY_SBP)).train_cfg.max_iters
+    checkpoint = work / f'iter_{max_iters}.pth'
     assert checkpoint.is_file()
     log = next(work.glob('*/vis_data/scalars.json')).read_text().splitlines()
     assert any('sbp/kept_fraction_s16' in line for line in log)
-    run_script('dist_test.sh', [TINY_SBP, checkpoint, 2, '--work-dir', 'work_dirs/dist_test'],
-               tmp_path)
-    metrics = json.loads(sorted((tmp_path / 'work_dirs' / 'dist_test').glob('*/*.json'))[-1]
+    env['PORT'] = str(free_port())
+    proc = subprocess.run(['bash', 'tools/dist_test.sh', config, str(checkpoint), '2',
+                           '--work-dir', 'work_dirs/dist_test'], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(sorted((clone / 'work_dirs' / 'dist_test').glob('*/*.json'))[-1]
                          .read_text())
     assert 'coco/bbox_mAP' in metrics
 
