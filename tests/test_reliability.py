@@ -1,5 +1,6 @@
 """Reliability on the tiny synthetic set: a killed run resumes exactly, multi-scale
-training stays finite, and bad data stops training with the file and the problem named.
+training stays finite and resumes exactly, and bad data stops training with the file and
+the problem named, or is counted in a warning where mmdet drops it.
 
 Each test works in a temporary folder where the tiny config finds its data
 (``data/synthetic_coco_tiny/``); ``tools/train.py`` runs as a subprocess there, as a
@@ -15,17 +16,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Sequence
 
 import pytest
 import torch
+from mmdet.registry import DATASETS
 from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.utils import AnnotationFileError, check_dataset
-from sbp_mmdet.utils import dataset_check
+from sbp_mmdet.utils import AnnotationFileError, check_dataset, dataset_check
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SBP = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
@@ -223,17 +225,89 @@ def test_annotation_files_above_the_size_limit_are_left_to_the_dataset(
     check_dataset(TINY_CFG, ['train_dataloader'])  # not parsed a second time
 
 
-def test_train_with_an_empty_dataset_stops_before_training(workspace_copy: Path) -> None:
-    """Without the check, mmengine fails with 'need at least one array to concatenate'."""
-    annotations = workspace_copy / TINY_CFG.data_root / TRAIN_ANNOTATIONS
-    coco = json.loads(annotations.read_text())
-    annotations.write_text(json.dumps(dict(coco, images=[], annotations=[])))
+def edit_annotations(workspace: Path, edit: Callable[[dict], dict]) -> dict:
+    """Rewrite the tiny train annotation file with ``edit``; the new content."""
+    annotations = workspace / TINY_CFG.data_root / TRAIN_ANNOTATIONS
+    coco = edit(json.loads(annotations.read_text()))
+    annotations.write_text(json.dumps(coco))
+    return coco
+
+
+def with_box(coco: dict, index: int, bbox: list) -> dict:
+    """``coco`` with the box (and area) of its ``index``-th annotation replaced."""
+    annotations = [dict(a) for a in coco['annotations']]
+    annotations[index].update(bbox=bbox, area=bbox[2] * bbox[3])
+    return dict(coco, annotations=annotations)
+
+
+def with_category(coco: dict, indices: Sequence[int], category_id: int) -> dict:
+    """``coco`` with the category of the annotations at ``indices`` replaced."""
+    annotations = [dict(a, category_id=category_id) if i in indices else a
+                   for i, a in enumerate(coco['annotations'])]
+    return dict(coco, annotations=annotations)
+
+
+def test_train_with_no_annotation_stops_before_training_naming_the_file(
+        workspace_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmdet itself fails with a bare 'need at least one array to concatenate'."""
+    coco = edit_annotations(workspace_copy, lambda coco: dict(coco, annotations=[]))
+    monkeypatch.chdir(workspace_copy)
+    with pytest.raises(ValueError, match='need at least one array to concatenate'):
+        init_default_scope('mmdet')
+        DATASETS.build(TINY_CFG.train_dataloader.dataset)
     proc = subprocess.run(train_command(TINY_SBP, workspace_copy / 'work_dirs' / 'empty', 4),
                           cwd=workspace_copy, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert (f'Annotation file {TINY_CFG.data_root}{TRAIN_ANNOTATIONS} (train_dataloader): '
-            '"images" is empty') in proc.stderr
+            f'"annotations" is empty ({len(coco["images"])} images, 0 annotations)'
+            in proc.stderr.strip().splitlines()[-2])  # last but the config line
     assert not (workspace_copy / 'work_dirs').exists()  # stopped before the Runner
+
+
+def test_images_listed_but_missing_stop_training_up_front(workspace_copy: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    images = sorted((workspace_copy / TINY_CFG.data_root / 'train2017').iterdir())
+    for image in images[:2]:
+        image.unlink()
+    monkeypatch.chdir(workspace_copy)
+    with pytest.raises(AnnotationFileError) as error:
+        check_dataset(TINY_CFG, ['train_dataloader'])
+    assert (f'{TINY_CFG.data_root}{TRAIN_ANNOTATIONS} (train_dataloader): 2 of the '
+            f'{len(images)} images it lists are not in {TINY_CFG.data_root}train2017/: '
+            f'{images[0].name}, {images[1].name}') in str(error.value)
+
+
+def test_boxes_and_categories_that_mmdet_drops_are_counted_in_warnings(
+        workspace_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    coco = edit_annotations(workspace_copy, lambda coco: with_category(
+        with_box(coco, 0, [10, 10, -5, 8]), [1, 2], 99))
+    monkeypatch.chdir(workspace_copy)
+    warnings = check_dataset(TINY_CFG, ['train_dataloader'])
+    where = f'Annotation file {TINY_CFG.data_root}{TRAIN_ANNOTATIONS} (train_dataloader): '
+    total = len(coco['annotations'])
+    assert warnings == [
+        f'{where}1 of the {total} annotations have a box that mmdet drops (width or height '
+        f'< 1, area <= 0, or outside the image), e.g. annotation id '
+        f'{coco["annotations"][0]["id"]} with bbox [10, 10, -5, 8]',
+        f'{where}2 of the {total} annotations have a category_id that is not in "categories" '
+        '(99); mmdet drops them']
+    # the same data without the problems: no warning
+    edit_annotations(workspace_copy, lambda coco: with_category(
+        with_box(coco, 0, [10, 10, 5, 8]), [1, 2], coco['categories'][0]['id']))
+    assert check_dataset(TINY_CFG, ['train_dataloader']) == []
+
+
+def test_no_usable_annotation_is_an_error_for_training_only(workspace_copy: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    coco = edit_annotations(workspace_copy, lambda coco: with_category(
+        coco, range(len(coco['annotations'])), 99))
+    monkeypatch.chdir(workspace_copy)
+    with pytest.raises(AnnotationFileError,
+                       match=f'none of its {len(coco["annotations"])} annotations is usable'):
+        check_dataset(TINY_CFG, ['train_dataloader'])
+    test_cfg = Config(dict(test_dataloader=TINY_CFG.train_dataloader))
+    assert len(check_dataset(test_cfg, ['test_dataloader'])) == 1  # a warning only
 
 
 def test_train_with_a_corrupt_image_names_the_image(workspace_copy: Path) -> None:
