@@ -291,3 +291,17 @@ def test_neck_follows_the_backbone_mask():
     neck.train()
     with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
         neck(feats)
+
+
+@pytest.mark.parametrize('neck_sbp,error', [
+    (dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)'),
+    (dict(sampling='random'), "FPNSBP: sbp.sampling='random' disagrees with the backbone"),
+    (dict(keep_ratio=0.5, sampling='grid', grad_scale='inverse_keep'), None),
+    (dict(keep_ratio=2.0), 'sbp.keep_ratio must be in (0, 1]'),
+])
+def test_neck_disagreeing_with_the_backbone_is_reported_from_the_config(neck_sbp, error):
+    from sbp_mmdet.models import sbp_model_problem
+    model = dict(backbone=dict(type='ResNetSBP', depth=18, sbp=dict(keep_ratio=0.5)),
+                 neck=dict(type='FPNSBP', sbp=neck_sbp))
+    problem = sbp_model_problem(model)
+    assert problem == error if error is None else error in problem

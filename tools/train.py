@@ -22,6 +22,7 @@ from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
+from sbp_mmdet.models import sbp_model_problem
 from sbp_mmdet.utils import (DatasetError, ResumeError, check_dataset, load_tool_config,
                              prepare_resume)
 
@@ -83,6 +84,9 @@ def main() -> None:
     # and mmdet caps its cache (DYNAMO_CACHE_SIZE_LIMIT, default 4) to bound that.
     setup_cache_size_limit_of_dynamo()
     cfg = build_config(args)
+    problem = sbp_model_problem(cfg.model)
+    if problem is not None:
+        raise SystemExit(f'{problem}\n(config: {args.config})')
     validates = cfg.get('val_cfg') is not None
     try:
         check_dataset(cfg, ['train_dataloader'] +

@@ -10,6 +10,7 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from ..engine.seeding import SeededIterator, derived_seed, seed_global_generators
+from ..models.checks import sbp_model_problem
 from ..sbp import SBPConfig
 
 # Salts that keep the reseeding streams of the two kinds of loops apart.
@@ -139,6 +140,13 @@ class SBPHook(Hook):
     def sbp_modules(model: nn.Module) -> List[nn.Module]:
         model = model.module if is_model_wrapper(model) else model
         return [m for m in model.modules() if hasattr(m, 'mask_sampler')]
+
+    def before_run(self, runner) -> None:
+        """Refuse an SBP neck whose settings disagree with the SBP backbone's,
+        before weights are initialised or data is loaded."""
+        problem = sbp_model_problem(runner.cfg.get('model') or {})
+        if problem is not None:
+            raise ValueError(problem)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded_meta = checkpoint.get('meta', {})

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
 from ...sbp import check_unit_layers
 from ...sbp.state import SBPModuleMixin, sbp_states
+from ..checks import SHARED_KEYS, neck_disagreement
 
 
 class SBPConvModule(ConvModule):
@@ -114,12 +115,12 @@ class FPNSBP(SBPModuleMixin, FPN):
         return SBPIteration.sample(self.mask_sampler, inputs[0].shape[2], top), strides
 
     def _check_agrees(self, upstream: SBPIteration) -> None:
+        """Refuse ``sbp`` settings of this neck that differ from the backbone's mask
+        (``tools/train.py`` and ``SBPHook`` refuse them earlier, from the config)."""
         mine = dict(keep_ratio=self.keep_ratio, sampling=self.sbp_cfg.sampling)
-        for key, value in mine.items():
-            if key in self.sbp_given and value != getattr(upstream, key):
-                raise ValueError(f'FPNSBP: sbp.{key}={value!r} disagrees with the backbone '
-                                 f"({getattr(upstream, key)!r}); the neck uses the backbone's "
-                                 'mask: drop the key or make them equal')
+        for key in SHARED_KEYS:
+            if key in self.sbp_given and mine[key] != getattr(upstream, key):
+                raise ValueError(neck_disagreement(key, mine[key], getattr(upstream, key)))
 
     def _assignments(self, iteration: SBPIteration, strides: List[int]) -> list:
         """(module, state) for every conv whose input stride the mask covers."""
@@ -133,4 +134,3 @@ class FPNSBP(SBPModuleMixin, FPN):
             extra_stride *= 2
         return [(module, SBPState(iteration, stride, self.sbp_cfg)) for module, stride in inputs
                 if iteration.covers(stride * module.conv.stride[0])]
-
