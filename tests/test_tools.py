@@ -112,6 +112,47 @@ def test_resume_continues_from_the_checkpoint_iteration(trained: Path, tmp_path:
     assert final['meta']['iter'] == MAX_ITERS + 2
 
 
+def test_missing_checkpoints_stop_the_tools_before_the_runner(trained: Path,
+                                                              tmp_path: Path) -> None:
+    for tool, args in (('train.py', [TINY, '--resume', 'missing.pth']),
+                       ('test.py', [TINY, 'missing.pth'])):
+        proc = subprocess.run([sys.executable, str(REPO / 'tools' / tool), *args],
+                              cwd=trained.parent.parent, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1
+        assert 'missing.pth does not exist' in proc.stderr.strip().splitlines()[-2], tool
+    truncated = tmp_path / 'iter_1.pth'
+    truncated.write_bytes((trained / f'iter_{MAX_ITERS}.pth').read_bytes()[:4096])
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), TINY, '--resume',
+                           str(truncated), '--work-dir', str(tmp_path / 'w')],
+                          cwd=trained.parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f'Cannot resume: checkpoint {truncated} cannot be read' in proc.stderr
+    assert not (tmp_path / 'w').exists()
+
+
+def test_resuming_across_dense_and_sbp_configs_warns(trained: Path, tmp_path: Path) -> None:
+    """The dense tiny run's checkpoint resumed by the SBP config, and the same
+    checkpoint marked as an SBP run's (``meta.sbp``) resumed by the dense config."""
+    sbp_tiny = str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py')
+    dense_ckpt = trained / f'iter_{MAX_ITERS}.pth'
+    checkpoint = torch.load(dense_ckpt, map_location='cpu')
+    assert 'sbp' not in checkpoint['meta']
+    checkpoint['meta']['sbp'] = dict(seed=checkpoint['meta']['seed'])
+    sbp_ckpt = tmp_path / 'sbp.pth'
+    torch.save(checkpoint, sbp_ckpt)
+    for config, ckpt, warning in (
+            (sbp_tiny, dense_ckpt, 'SBPHook: resumed at iteration 4 from a checkpoint written '
+             'without SBPHook (a dense run, or an SBP run without the hook)'),
+            (TINY, sbp_ckpt, f'Resuming from {sbp_ckpt}, written by an SBP run (SBPHook), '
+             'with a config that has no SBPHook')):
+        proc = run_tool('train.py', [config, '--work-dir', str(tmp_path / Path(config).stem),
+                                     '--resume', str(ckpt), '--cfg-options',
+                                     f'train_cfg.max_iters={MAX_ITERS + 1}'],
+                        trained.parent.parent)
+        assert warning in proc.stdout + proc.stderr
+
+
 COCO_CONFIGS = [
     'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',  # what the SBP configs inherit
     str(REPO / 'configs' / 'faster_rcnn_r50_sbp.py'),

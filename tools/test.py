@@ -23,6 +23,7 @@ import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint 
 from sbp_mmdet.engine import setup_cpu_distributed
 from sbp_mmdet.utils import DatasetError, check_dataset, load_tool_config
 
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a detector checkpoint')
     parser.add_argument('config', help='test config file')
@@ -91,6 +92,8 @@ def main() -> None:
     # and mmdet caps its cache (DYNAMO_CACHE_SIZE_LIMIT, default 4) to bound that.
     setup_cache_size_limit_of_dynamo()
     cfg = build_config(args)
+    if '://' not in args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f'Checkpoint {args.checkpoint} does not exist\n(config: {args.config})')
     try:
         check_dataset(cfg, ['test_dataloader', 'test_evaluator'])
     except DatasetError as err:
