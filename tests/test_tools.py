@@ -215,3 +215,20 @@ def test_check_dataset_follows_wrappers_and_data_root(tmp_path: Path) -> None:
             ('train_dataloader', str(tmp_path / 'data') + '/images/')]
     with pytest.raises(DatasetNotFoundError, match='images/'):
         check_dataset(cfg, ['train_dataloader'])
+
+
+def test_demo_summary_puts_metrics_and_memory_side_by_side(tmp_path: Path) -> None:
+    memory = tmp_path / 'results.json'
+    memory.write_text(json.dumps(dict(meta={}, rows=[
+        dict(variant='dense', saved_mib=200.0), dict(variant='sbp@0.5', saved_mib=130.0)])))
+    runs = []
+    for name, variant, m_ap, seconds in (('dense_cfg', 'dense', 0.35, 829),
+                                         ('sbp_cfg', 'sbp@0.5', 0.31, 61)):
+        metrics = tmp_path / f'{name}.json'
+        metrics.write_text(json.dumps({'coco/bbox_mAP': m_ap, 'coco/bbox_mAP_50': 0.6,
+                                       'coco/bbox_mAP_75': 0.3}))
+        runs += ['--run', name, variant, str(seconds), str(metrics)]
+    proc = run_tool('demo_summary.py', ['--memory', str(memory), *runs], tmp_path)
+    assert proc.stdout.splitlines()[2:] == [
+        '| dense_cfg | 1.0 (dense) | 13 min 49 s | 0.350 | 0.600 | 0.300 | 200 | 1.00x |',
+        '| sbp_cfg | 0.5 | 1 min 01 s | 0.310 | 0.600 | 0.300 | 130 | 0.65x |']
