@@ -191,6 +191,19 @@ def test_train_stops_before_the_runner_on_a_neck_that_disagrees_with_the_backbon
     assert not (tmp_path / 'work_dirs').exists()
 
 
+def test_a_build_error_is_the_last_thing_train_prints(trained: Path) -> None:
+    """mmengine prints the environment and the config before it builds the model."""
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), TINY,
+                           '--work-dir', str(trained.parent / 'bad_depth'),
+                           '--cfg-options', 'model.backbone.depth=19'],
+                          cwd=trained.parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'Config:' in proc.stdout  # mmengine's conventions stay
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "Could not build the run: KeyError: 'invalid depth 19 for resnet'",
+        f'(config: {TINY}; the traceback above)']
+
+
 def test_test_without_dataset_stops_with_directions(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'test.py'), TINY, 'x.pth'],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -17,14 +17,12 @@ import os
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
 from sbp_mmdet.models import sbp_model_problem
-from sbp_mmdet.utils import (DatasetError, ResumeError, check_dataset, load_tool_config,
-                             prepare_resume)
+from sbp_mmdet.utils import (DatasetError, ResumeError, build_runner, check_dataset,
+                             load_tool_config, prepare_resume)
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,7 +93,7 @@ def main() -> None:
     except (DatasetError, ResumeError) as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg, args.config)
     runner.train()
 
 

@@ -2,8 +2,8 @@
 from .dataset_check import (AnnotationFileError, DatasetError, DatasetNotFoundError, check_dataset,
                             coco_annotation_problem, missing_dataset_files)
 from .resume import ResumeError, prepare_resume
-from .tool_config import load_tool_config
+from .tool_config import build_runner, load_tool_config
 
 __all__ = ['AnnotationFileError', 'DatasetError', 'DatasetNotFoundError', 'check_dataset',
-           'coco_annotation_problem', 'missing_dataset_files', 'load_tool_config', 'ResumeError',
-           'prepare_resume']
+           'coco_annotation_problem', 'missing_dataset_files', 'load_tool_config', 'build_runner',
+           'ResumeError', 'prepare_resume']

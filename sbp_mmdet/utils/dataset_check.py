@@ -13,16 +13,15 @@ count of what is wrong) and warns, with counts, about the annotations that
 mmdet will drop.
 """
 import json
+import logging
 import os
 import os.path as osp
-import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
-
 
 # Annotation files above this size are left to the dataset's own loading: parsing
 # COCO train2017's 448 MB twice would cost seconds and gigabytes on every rank.

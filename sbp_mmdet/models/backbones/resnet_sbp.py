@@ -6,8 +6,8 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
-from ...sbp import check_unit_layers
+from ...sbp import (ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState,
+                    check_unit_layers)
 from ...sbp.state import SBPModuleMixin, sbp_states
 
 STEM_STRIDE = 4

@@ -7,8 +7,8 @@ from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState
-from ...sbp import check_unit_layers
+from ...sbp import (ConvUnit, RowMaskSampler, SBPConfig, SBPIteration, SBPProgram, SBPState,
+                    check_unit_layers)
 from ...sbp.state import SBPModuleMixin, sbp_states
 from ..checks import SHARED_KEYS, neck_disagreement
 
