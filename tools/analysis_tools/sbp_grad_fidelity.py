@@ -119,13 +119,17 @@ def main(argv=None):
     from mmengine.utils import ProgressBar
 
     from sbp_mmdet.grad_fidelity import gradient_fidelity
+    from sbp_mmdet.utils import mmengine_logs_to_file
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, batches = build(args)
+    log_file = os.path.join(args.out_dir, 'grad_fidelity.log')
+    print(f'building the model and the dataloader (log: {log_file})')
     bar = ProgressBar(args.iters)
-    results = gradient_fidelity(model, batches, args.keep_ratios, args.seed,
-                                on_batch=bar.update)
+    with mmengine_logs_to_file(log_file):
+        model, batches = build(args)
+        results = gradient_fidelity(model, batches, args.keep_ratios, args.seed,
+                                    on_batch=bar.update)
     sys.stdout.write('\n')
     table = format_table(results)
     print(table)
