@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # Written last by `make env`; newer requirements.txt or setup.cfg make it stale.
 ENV_STAMP := $(VENV)/.sbp-mmdet-env
 
-.PHONY: env demo test
+.PHONY: env demo test lint
 
 env: $(ENV_STAMP)
 
@@ -25,3 +25,8 @@ demo: env
 
 test: env
 	$(PY) -m pytest tests -q
+
+# flake8 and isort as configured in setup.cfg; a few seconds.
+lint: env
+	$(PY) -m flake8 configs sbp_mmdet tests tools
+	$(PY) -m isort --check-only --diff configs sbp_mmdet tests tools

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA_CFG
 from sbp_mmdet.benchmark import Variant
+
+from conftest import TINY_DATA_CFG
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -98,10 +99,10 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
 
 
 def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from mmdet.registry import MODELS
     from sbp_mmdet.benchmark import detector_batch
     from sbp_mmdet.grad_fidelity import gradient_fidelity
     init_default_scope('mmdet')

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sbp_mmdet.sbp import ConvUnit, SavedTensorMeter, SBPIteration, SBPProgram
+
 from sbp_reference import reference_program
 
 

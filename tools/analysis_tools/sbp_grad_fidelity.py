@@ -50,12 +50,12 @@ def parse_args(argv=None):
 
 def build(args):
     """The detector in train mode and an iterator over its preprocessed batches."""
-    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner, load_checkpoint
 
-    from mmdet.registry import MODELS
+    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
     from sbp_mmdet.utils.dataset_check import check_dataset
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
