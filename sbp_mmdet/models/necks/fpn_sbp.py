@@ -63,9 +63,11 @@ class FPNSBP(SBPModuleMixin, FPN):
 
     Args:
         sbp (dict, optional): SBP settings: ``keep_ratio``, ``sampling``,
-            ``grad_scale``, ``recompute`` (see ``ResNetSBP``). Behind an SBP
-            backbone the backbone's keep ratio and sampling are used and
-            ``keep_ratio``/``sampling`` given here must agree with them.
+            ``grid_cell``, ``grad_scale``, ``recompute`` (see ``ResNetSBP``).
+            Behind an SBP backbone the backbone's mask is used (its keep
+            ratio, sampling and grid cell), and ``keep_ratio``/``sampling``
+            given here must agree with the backbone's: a disagreement is
+            refused when the run starts (``sbp_model_problem``).
             Default: None (follow the backbone; keep ratio 0.5 otherwise).
         **kwargs: the arguments of ``mmdet.models.FPN``.
     """
