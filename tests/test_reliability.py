@@ -137,6 +137,58 @@ def test_run_killed_mid_training_resumes_with_the_same_losses_and_masks(
         assert record['loss'] == pytest.approx(expected[record['iter']]['loss'], rel=1e-6)
 
 
+EPOCH_BASED = """
+train_cfg = dict(_delete_=True, type='EpochBasedTrainLoop', max_epochs=3, val_interval=100)
+train_dataloader = dict(num_workers=1, persistent_workers={persistent})
+default_hooks = dict(checkpoint=dict(by_epoch=True, interval=1, max_keep_ckpts=5))
+log_processor = dict(by_epoch=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('persistent', [False, True])
+def test_epoch_based_run_with_data_workers_resumes_with_the_same_losses_and_masks(
+        workspace: Path, persistent: bool) -> None:
+    """As the COCO configs train: epochs, a data worker (restarted each epoch),
+    random flips, no fixed seed. Resumed from the epoch-1 checkpoint, the run
+    repeats the losses and masks of epochs 2 and 3. With a persistent worker
+    the masks are the same, the augmentations are not, and the hook says so."""
+    config = recording_config(workspace)
+    config.write_text(config.read_text() + EPOCH_BASED.format(persistent=persistent))
+    full = workspace / 'work_dirs' / f'epochs_{persistent}'
+    command = [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--cfg-options',
+               'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None', '--work-dir']
+    env = dict(os.environ, PYTHONPATH=recorder_path())
+    subprocess.run([*command, str(full)], cwd=workspace, env=env, check=True,
+                   capture_output=True, timeout=600)
+    resumed = workspace / 'work_dirs' / f'epochs_{persistent}_resumed'
+    resumed.mkdir()
+    shutil.copy(full / 'epoch_1.pth', resumed)
+    proc = subprocess.run([*command, str(resumed), '--resume', str(resumed / 'epoch_1.pth')],
+                          cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = records(full), records(resumed)
+    assert [r['iter'] for r in expected] == list(range(1, 13))
+    assert [r['iter'] for r in got] == list(range(5, 13))
+    assert [r['mask'] for r in got] == [r['mask'] for r in expected[4:]]
+    warning = 'SBPHook: the data workers of this epoch-based loop persist across epochs'
+    assert (warning in proc.stdout) is persistent
+    if not persistent:
+        assert [r['loss'] for r in got] == pytest.approx([r['loss'] for r in expected[4:]],
+                                                         rel=1e-6)
+
+
+@pytest.mark.parametrize('config', ['faster_rcnn_r50_sbp.py', 'retinanet_r50_sbp.py'])
+def test_coco_configs_resume_exactly(config: str) -> None:
+    """SBPHook (masks from the run seed, reseeded generators) and data workers
+    restarted each epoch (see the test above)."""
+    cfg = Config.fromfile(str(REPO / 'configs' / config))
+    assert [hook['type'] for hook in cfg.custom_hooks] == ['SBPHook']
+    assert cfg.train_dataloader.num_workers > 0
+    assert cfg.train_dataloader.persistent_workers is False
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop'
+
+
 class SBPMasks(Hook):
     """Records the SBP base mask of every training iteration."""
 

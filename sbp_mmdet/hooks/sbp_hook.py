@@ -69,7 +69,7 @@ class SBPHook(Hook):
     by mmengine from the run seed when they start; they replay the same
     batches on resume, except ``persistent_workers=True`` in an epoch-based
     loop, where a resumed run's workers start again from their initial state
-    (see README, Resume).
+    (the hook warns; the COCO SBP configs set ``persistent_workers=False``).
 
     **Logging.** After each iteration the hook writes to the message hub,
     hence to every logger/visualizer backend (console, TensorBoard,...):
@@ -177,7 +177,17 @@ class SBPHook(Hook):
                       'without SBPHook (a dense run, or an SBP run without the hook): the '
                       'iterations before it did not train with this config\'s SBP schedule '
                       'and masks', logger='current', level=logging.WARNING)
-        sampler = getattr(runner.train_dataloader, 'sampler', None)
+        loader = runner.train_dataloader
+        if not hasattr(runner.train_loop, 'dataloader_iterator') and \
+                getattr(loader, 'num_workers', 0) > 0 and getattr(loader, 'persistent_workers',
+                                                                  False):
+            print_log('SBPHook: the data workers of this epoch-based loop persist across epochs, '
+                      'so the resumed run\'s workers start from their initial random state, '
+                      'not from where the interrupted run\'s were: augmentations differ (masks, '
+                      'data order and the model\'s sampling do not). Set '
+                      'train_dataloader.persistent_workers=False for an exact resume',
+                      logger='current', level=logging.WARNING)
+        sampler = getattr(loader, 'sampler', None)
         diff_rank_seed = (runner.cfg.get('randomness') or {}).get('diff_rank_seed', False)
         sampler_seed = getattr(sampler, 'seed', None)
         if sampler_seed is not None and not diff_rank_seed and sampler_seed != runner.seed:
