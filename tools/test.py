@@ -90,12 +90,12 @@ def main() -> None:
     # and mmdet caps its cache (DYNAMO_CACHE_SIZE_LIMIT, default 4) to bound that.
     setup_cache_size_limit_of_dynamo()
     cfg = build_config(args)
-    if '://' not in args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise SystemExit(f'Checkpoint {args.checkpoint} does not exist\n(config: {args.config})')
     try:
         check_dataset(cfg, ['test_dataloader', 'test_evaluator'])
     except DatasetError as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
+    if '://' not in args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f'Checkpoint {args.checkpoint} does not exist\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = build_runner(cfg, args.config)
     if args.out is not None:
