@@ -191,6 +191,16 @@ def test_train_stops_before_the_runner_on_a_neck_that_disagrees_with_the_backbon
     assert not (tmp_path / 'work_dirs').exists()
 
 
+def test_train_prints_no_pkg_resources_warning(trained: Path) -> None:
+    """mmengine imports pkg_resources twice per run; setuptools >= 80.9 warns each time
+    (requirements.txt pins setuptools below it)."""
+    proc = run_tool('train.py', [TINY, '--work-dir', str(trained.parent / 'one_iter'),
+                                 '--cfg-options', 'train_cfg.max_iters=1', 'val_cfg=None',
+                                 'val_dataloader=None', 'val_evaluator=None'],
+                    trained.parent.parent)
+    assert 'pkg_resources is deprecated' not in proc.stdout + proc.stderr
+
+
 def test_a_build_error_is_the_last_thing_train_prints(trained: Path) -> None:
     """mmengine prints the environment and the config before it builds the model."""
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), TINY,
