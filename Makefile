@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # Written last by `make env`; newer requirements.txt or setup.cfg make it stale.
 ENV_STAMP := $(VENV)/.sbp-mmdet-env
 
-.PHONY: env demo test benchmark-gpu
+.PHONY: env demo test lint benchmark-gpu
 
 env: $(ENV_STAMP)
 
@@ -25,6 +25,11 @@ demo: env
 
 test: env
 	$(PY) -m pytest tests -q
+
+# flake8 and isort as configured in setup.cfg; a few seconds.
+lint: env
+	$(PY) -m flake8 configs sbp_mmdet tests tools
+	$(PY) -m isort --check-only --diff configs sbp_mmdet tests tools
 
 # On a CUDA machine: memory and step time, fp32 and AMP, Faster R-CNN and RetinaNet R50-FPN.
 benchmark-gpu: env

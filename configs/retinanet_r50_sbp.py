@@ -7,3 +7,9 @@ custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
 model = dict(
     backbone=dict(type='ResNetSBP', sbp=dict(keep_ratio=0.5, sampling='grid')),
     neck=dict(type='FPNSBP'))
+# Keep-ratio schedules, SBP logging and exact --resume (masks and random draws). Data
+# workers restart each epoch, seeded from the run seed, so that a run resumed at an epoch
+# draws the augmentations of the interrupted run (persistent workers would carry their
+# random state over from earlier epochs).
+custom_hooks = [dict(type='SBPHook')]
+train_dataloader = dict(persistent_workers=False)

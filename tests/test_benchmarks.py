@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA_CFG
 from sbp_mmdet.benchmark import Variant
+
+from conftest import TINY_DATA_CFG
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -36,7 +37,13 @@ def run_accuracy_tool(tmp_path: Path, workspace: Path, *args: str) -> dict:
          '--cfg-options', *tiny_dataset_options(workspace)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / 'accuracy.json').read_text())
+    result = json.loads((out / 'accuracy.json').read_text())
+    # progress and results on the console (4 lines per run, the table), logs in the work dir
+    assert len(proc.stdout.splitlines()) <= 4 * len(result['runs']) + len(result['summary']) + 5
+    assert 'Config:' not in proc.stdout
+    for log in ('train.log', 'test.log'):
+        assert all('Config:' in path.read_text() for path in (tmp_path / 'work').rglob(log))
+    return result
 
 
 def test_variants_parse_and_turn_the_config_dense_or_sbp():
@@ -157,10 +164,10 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
 
 
 def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from mmdet.registry import MODELS
     from sbp_mmdet.benchmark import detector_batch
     from sbp_mmdet.grad_fidelity import gradient_fidelity
     init_default_scope('mmdet')
@@ -199,6 +206,10 @@ def test_grad_fidelity_tool_writes_table_json_csv_and_plot(tmp_path, workspace):
     assert {r['keep_ratio'] for r in rows} == {'0.25', '0.5'}
     assert '| backbone.layer1 |' in (out / 'table.md').read_text()
     assert (out / 'grad_fidelity.png').stat().st_size > 1000
+    # progress and the table on the console; weight-init and dataset logs in the log file
+    assert len(proc.stdout.splitlines()) <= 15, proc.stdout
+    log = (out / 'grad_fidelity.log').read_text()
+    assert 'KaimingInit' in log and 'loading annotations into memory' in log
 
 
 def test_grad_fidelity_tool_refuses_keep_ratios_outside_0_1():

@@ -20,6 +20,7 @@ from mmdet.models.backbones import ResNet
 
 from sbp_mmdet.amp import cpu_autocast_fallbacks
 from sbp_mmdet.sbp import SavedTensorMeter
+
 from sbp_reference import reference_program
 from test_sbp_models import (add_reference_hooks, build_detector, enabled_blocks,
                              preprocessed_batch, resnet_pair, small_faster_rcnn_cfg, total_loss)

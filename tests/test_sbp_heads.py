@@ -8,10 +8,10 @@ from mmengine.hub import get_config
 
 from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter
+
 from sbp_reference import masked, row_mask
 from test_sbp_models import (add_reference_hooks, assert_grads_match, build_detector,
-                             enabled_blocks, preprocessed_batch, small_faster_rcnn_cfg,
-                             total_loss)
+                             enabled_blocks, preprocessed_batch, small_faster_rcnn_cfg, total_loss)
 
 
 def small_retinanet_cfg(sbp: bool, heads: bool = True) -> dict:

@@ -34,6 +34,13 @@ def test_schedule_warmup_steps_ramp_and_dense_tail():
     (dict(steps=[(10,)]), 'steps entries are'),
     (dict(ramp=(5, 2, 1.0, 0.5)), 'begin < end'),
     (dict(ramp=(0, 2, 1.0, 0.5), steps=[(1, 0.5)]), 'not both'),
+    (dict(ramp=(-2, 5, 1.0, 0.5)), 'ramp begin must be a non-negative int'),
+    (dict(ramp=(0, 2.5, 1.0, 0.5)), 'ramp end must be a non-negative int'),
+    (dict(steps=[(-1, 0.5)]), 'steps start_iter must be a non-negative int'),
+    (dict(dense_warmup_iters=True), 'dense_warmup_iters must be a non-negative int'),
+    (dict(dense_last_epochs=1.5), 'dense_last_epochs must be a non-negative int'),
+    (dict(steps=[(2, 0.5), (2, 0.25)]), r'steps start at the same iteration more than once: '
+                                        r'\[2, 2\]'),
 ])
 def test_bad_hook_settings_are_refused(kwargs, error):
     with pytest.raises(ValueError, match=error):
@@ -130,3 +137,16 @@ def test_sbp_training_is_finite_and_the_loss_decreases(tiny_workspace, monkeypat
     losses = _train(TINY_SBP, tiny_workspace / 'long', 200, checkpoint_interval=200)
     assert len(losses) == 200 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-20:]) < 0.8 * sum(losses[:20])
+
+
+def test_hook_refuses_a_neck_that_disagrees_with_the_backbone_before_training(
+        tiny_workspace, monkeypatch):
+    monkeypatch.chdir(tiny_workspace)
+    cfg = Config.fromfile(str(TINY_SBP))
+    cfg.work_dir = str(tiny_workspace / 'work_dirs' / 'disagree')
+    cfg.model.neck.sbp = dict(keep_ratio=0.25)
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
+        runner.train()
+    assert runner.iter == 0 and 'train/loss' not in runner.message_hub.log_scalars

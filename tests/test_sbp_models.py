@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP, RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
+
 from sbp_reference import masking_hooks
 
 STRIDES = (4, 8, 16, 32)
@@ -94,8 +95,8 @@ def assert_resnet_matches_reference(sbp, dense, x):
     (32, 448), (448, 32),  # extreme aspect ratios
     (20, 28),  # the stride-32 map is 1x1
 ])
-def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(depth, norm_eval,
-                                                                           size):
+def test_resnet_sbp_forward_equals_resnet_and_gradients_equal_the_reference(
+        depth, norm_eval, size):
     sbp, dense = resnet_pair(depth, norm_eval=norm_eval, frozen_stages=-1,
                              sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0)))
     assert_resnet_matches_reference(sbp, dense, torch.rand(2, 3, *size))
@@ -150,7 +151,8 @@ def test_default_stages_follow_the_paper_and_skip_frozen_stages():
 
 
 @pytest.mark.parametrize('kwargs,error', [
-    (dict(frozen_stages=1, sbp=dict(stages=(1, 1, 0, 0))), 'SBP asked on frozen stage\\(s\\) \\[0\\]'),
+    (dict(frozen_stages=1, sbp=dict(stages=(1, 1, 0, 0))),
+     'SBP asked on frozen stage\\(s\\) \\[0\\]'),
     (dict(sbp=dict(stages=(1, 1))), 'sbp.stages must have 4 entries'),
     (dict(sbp=dict(blocks=[[1], [1], [1], [1]])), 'sbp.blocks must have 4 lists of lengths'),
     (dict(sbp=dict(stages=(0, 1, 1, 0), blocks=[[0] * 3] * 4)), 'not both'),
@@ -316,3 +318,17 @@ def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
     outs = own(tuple(f.detach() for f in feats))
     assert outs.iteration is not feats.iteration and outs.iteration.keep_ratio == 0.5
     assert outs.strides == (1, 2, 4, 8, 16)
+
+
+@pytest.mark.parametrize('neck_sbp,error', [
+    (dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)'),
+    (dict(sampling='random'), "FPNSBP: sbp.sampling='random' disagrees with the backbone"),
+    (dict(keep_ratio=0.5, sampling='grid', grad_scale='inverse_keep'), None),
+    (dict(keep_ratio=2.0), 'sbp.keep_ratio must be in (0, 1]'),
+])
+def test_neck_disagreeing_with_the_backbone_is_reported_from_the_config(neck_sbp, error):
+    from sbp_mmdet.models import sbp_model_problem
+    model = dict(backbone=dict(type='ResNetSBP', depth=18, sbp=dict(keep_ratio=0.5)),
+                 neck=dict(type='FPNSBP', sbp=neck_sbp))
+    problem = sbp_model_problem(model)
+    assert problem == error if error is None else error in problem

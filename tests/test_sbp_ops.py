@@ -6,8 +6,9 @@ import torch
 from mmcv.cnn.bricks import DropPath as MMCVDropPath
 from torch import nn
 
-from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix,
-                           LayerScale, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
+from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale,
+                           RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
+
 from sbp_reference import reference_program
 from test_sbp_amp import assert_amp_close, run_three_ways
 from test_sbp_models import assert_grad_close

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration, SBPProgram, conv_unit
+
 from sbp_reference import reference_program
 
 

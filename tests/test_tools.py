@@ -112,6 +112,47 @@ def test_resume_continues_from_the_checkpoint_iteration(trained: Path, tmp_path:
     assert final['meta']['iter'] == MAX_ITERS + 2
 
 
+def test_missing_checkpoints_stop_the_tools_before_the_runner(trained: Path,
+                                                              tmp_path: Path) -> None:
+    for tool, args in (('train.py', [TINY, '--resume', 'missing.pth']),
+                       ('test.py', [TINY, 'missing.pth'])):
+        proc = subprocess.run([sys.executable, str(REPO / 'tools' / tool), *args],
+                              cwd=trained.parent.parent, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1
+        assert 'missing.pth does not exist' in proc.stderr.strip().splitlines()[-2], tool
+    truncated = tmp_path / 'iter_1.pth'
+    truncated.write_bytes((trained / f'iter_{MAX_ITERS}.pth').read_bytes()[:4096])
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), TINY, '--resume',
+                           str(truncated), '--work-dir', str(tmp_path / 'w')],
+                          cwd=trained.parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f'Cannot resume: checkpoint {truncated} cannot be read' in proc.stderr
+    assert not (tmp_path / 'w').exists()
+
+
+def test_resuming_across_dense_and_sbp_configs_warns(trained: Path, tmp_path: Path) -> None:
+    """The dense tiny run's checkpoint resumed by the SBP config, and the same
+    checkpoint marked as an SBP run's (``meta.sbp``) resumed by the dense config."""
+    sbp_tiny = str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py')
+    dense_ckpt = trained / f'iter_{MAX_ITERS}.pth'
+    checkpoint = torch.load(dense_ckpt, map_location='cpu')
+    assert 'sbp' not in checkpoint['meta']
+    checkpoint['meta']['sbp'] = dict(seed=checkpoint['meta']['seed'])
+    sbp_ckpt = tmp_path / 'sbp.pth'
+    torch.save(checkpoint, sbp_ckpt)
+    for config, ckpt, warning in (
+            (sbp_tiny, dense_ckpt, 'SBPHook: resumed at iteration 4 from a checkpoint written '
+             'without SBPHook (a dense run, or an SBP run without the hook)'),
+            (TINY, sbp_ckpt, f'Resuming from {sbp_ckpt}, written by an SBP run (SBPHook), '
+             'with a config that has no SBPHook')):
+        proc = run_tool('train.py', [config, '--work-dir', str(tmp_path / Path(config).stem),
+                                     '--resume', str(ckpt), '--cfg-options',
+                                     f'train_cfg.max_iters={MAX_ITERS + 1}'],
+                        trained.parent.parent)
+        assert warning in proc.stdout + proc.stderr
+
+
 COCO_CONFIGS = [
     'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',  # what the SBP configs inherit
     str(REPO / 'configs' / 'faster_rcnn_r50_sbp.py'),
@@ -138,6 +179,41 @@ def test_train_without_coco_stops_at_once_with_directions(tmp_path: Path, base: 
         assert expected in proc.stderr, expected
 
 
+def test_train_stops_before_the_runner_on_a_neck_that_disagrees_with_the_backbone(
+        tmp_path: Path) -> None:
+    sbp_tiny = str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py')
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), sbp_tiny,
+                           '--cfg-options', 'model.neck.sbp.keep_ratio=0.25'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)' in \
+        proc.stderr.strip().splitlines()[-2]  # then the config's name, nothing else
+    assert not (tmp_path / 'work_dirs').exists()
+
+
+def test_train_prints_no_pkg_resources_warning(trained: Path) -> None:
+    """mmengine imports pkg_resources twice per run; setuptools >= 80.9 warns each time
+    (requirements.txt pins setuptools below it)."""
+    proc = run_tool('train.py', [TINY, '--work-dir', str(trained.parent / 'one_iter'),
+                                 '--cfg-options', 'train_cfg.max_iters=1', 'val_cfg=None',
+                                 'val_dataloader=None', 'val_evaluator=None'],
+                    trained.parent.parent)
+    assert 'pkg_resources is deprecated' not in proc.stdout + proc.stderr
+
+
+def test_a_build_error_is_the_last_thing_train_prints(trained: Path) -> None:
+    """mmengine prints the environment and the config before it builds the model."""
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), TINY,
+                           '--work-dir', str(trained.parent / 'bad_depth'),
+                           '--cfg-options', 'model.backbone.depth=19'],
+                          cwd=trained.parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'Config:' in proc.stdout  # mmengine's conventions stay
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "Could not build the run: KeyError: 'invalid depth 19 for resnet'",
+        f'(config: {TINY}; the traceback above)']
+
+
 def test_test_without_dataset_stops_with_directions(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'test.py'), TINY, 'x.pth'],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -162,3 +238,20 @@ def test_check_dataset_follows_wrappers_and_data_root(tmp_path: Path) -> None:
             ('train_dataloader', str(tmp_path / 'data') + '/images/')]
     with pytest.raises(DatasetNotFoundError, match='images/'):
         check_dataset(cfg, ['train_dataloader'])
+
+
+def test_demo_summary_puts_metrics_and_memory_side_by_side(tmp_path: Path) -> None:
+    memory = tmp_path / 'results.json'
+    memory.write_text(json.dumps(dict(meta={}, rows=[
+        dict(variant='dense', saved_mib=200.0), dict(variant='sbp@0.5', saved_mib=130.0)])))
+    runs = []
+    for name, variant, m_ap, seconds in (('dense_cfg', 'dense', 0.35, 829),
+                                         ('sbp_cfg', 'sbp@0.5', 0.31, 61)):
+        metrics = tmp_path / f'{name}.json'
+        metrics.write_text(json.dumps({'coco/bbox_mAP': m_ap, 'coco/bbox_mAP_50': 0.6,
+                                       'coco/bbox_mAP_75': 0.3}))
+        runs += ['--run', name, variant, str(seconds), str(metrics)]
+    proc = run_tool('demo_summary.py', ['--memory', str(memory), *runs], tmp_path)
+    assert proc.stdout.splitlines()[2:] == [
+        '| dense_cfg | 1.0 (dense) | 13 min 49 s | 0.350 | 0.600 | 0.300 | 200 | 1.00x |',
+        '| sbp_cfg | 0.5 | 1 min 01 s | 0.310 | 0.600 | 0.300 | 130 | 0.65x |']

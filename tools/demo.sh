@@ -1,45 +1,68 @@
 #!/usr/bin/env bash
 # `make demo`: make the synthetic COCO dataset (once), train each demo config from
-# scratch with tools/train.py, evaluate it with tools/test.py, print COCO bbox metrics.
+# scratch with tools/train.py, evaluate it with tools/test.py, measure the activation
+# memory each saves for backward, and print one summary table. The console shows progress
+# and results; every tool's full output is in a log file under work_dirs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=data/synthetic_coco
 WORK=work_dirs/demo
-# The configs to train and compare: the dense baseline and the same detector with SBP
-# (keep ratio 0.5); the summary below prints one row per config.
+# The configs to train and compare, each with the benchmark_sbp.py variant that measures
+# its memory: the dense baseline and the same detector with SBP (keep ratio 0.5).
 CONFIGS=(configs/synthetic/faster-rcnn_r18_fpn_synthetic.py
          configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py)
+VARIANTS=(dense sbp@0.5)
 
+# run LOG CMD...: CMD's output goes to LOG; training progress lines are shown shortened.
+# On failure, the end of LOG is shown.
+run() {
+    local log=$1
+    shift
+    mkdir -p "$(dirname "$log")"
+    : > "$log"
+    if ! "$@" > "$log" 2>&1; then
+        echo "failed: $*"
+        echo "--- last lines of $log:"
+        tail -n 25 "$log"
+        exit 1
+    fi &
+    local pid=$!
+    tail -n +1 -F --pid="$pid" "$log" 2>/dev/null | sed -n -u -E \
+        's/.*(Iter\(train\) *\[ *[0-9]+\/[0-9]+\]).*(eta: [^ ]+).*  loss: ([0-9.]+).*/  \1  \2  loss: \3/p' || true
+    wait "$pid"
+}
+
+mkdir -p "$WORK"
 if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
-    "$PYTHON" tools/make_synthetic_coco.py "$DATA" --num-train 1000 --num-val 200 --seed 0
+    echo "making the synthetic dataset in $DATA (log: $WORK/make_synthetic_coco.log)"
+    run "$WORK/make_synthetic_coco.log" "$PYTHON" tools/make_synthetic_coco.py "$DATA" \
+        --num-train 1000 --num-val 200 --seed 0
 fi
 
-summary=()
-for config in "${CONFIGS[@]}"; do
+runs=()
+for i in "${!CONFIGS[@]}"; do
+    config=${CONFIGS[$i]}
     name=$(basename "$config" .py)
+    echo "training $name (log: $WORK/$name/train.log)"
     start=$SECONDS
-    "$PYTHON" tools/train.py "$config" --work-dir "$WORK/$name"
+    run "$WORK/$name/train.log" "$PYTHON" tools/train.py "$config" --work-dir "$WORK/$name"
     train_s=$((SECONDS - start))
-    "$PYTHON" tools/test.py "$config" "$(cat "$WORK/$name/last_checkpoint")" \
-        --work-dir "$WORK/$name/test"
+    echo "evaluating $name (log: $WORK/$name/test.log)"
+    run "$WORK/$name/test.log" "$PYTHON" tools/test.py "$config" \
+        "$(cat "$WORK/$name/last_checkpoint")" --work-dir "$WORK/$name/test"
     metrics=$(ls -t "$WORK/$name"/test/*/*.json | head -n 1)
-    summary+=("$("$PYTHON" - "$metrics" "$name" "$train_s" <<'PY'
-import json, sys
-metrics, name, train_s = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
-print(f"{name:40s} {train_s // 60:3d} min {train_s % 60:02d} s  "
-      + '  '.join(f"{key}={metrics[f'coco/bbox_{key}']:.3f}" for key in ('mAP', 'mAP_50', 'mAP_75')))
-PY
-)")
+    runs+=(--run "$name" "${VARIANTS[$i]}" "$train_s" "$metrics")
 done
 
-echo
-echo "Demo results (bbox on $DATA/val2017, training wall time on this machine):"
-printf '  %s\n' "${summary[@]}"
+echo "measuring the activation memory saved for backward (log: $WORK/memory/benchmark.log)"
+run "$WORK/memory/benchmark.log" "$PYTHON" tools/analysis_tools/benchmark_sbp.py \
+    configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py --size 256 256 --batch-size 4 \
+    --steps 0 --variants "${VARIANTS[@]}" --no-plot --out-dir "$WORK/memory"
 
 echo
-echo "Activation memory saved for backward, dense vs SBP (demo model, batch 4 x 256x256):"
-"$PYTHON" tools/analysis_tools/benchmark_sbp.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py \
-    --size 256 256 --batch-size 4 --steps 0 --variants dense sbp@0.5 sbp@0.25 \
-    --out-dir "$WORK/memory" 2>/dev/null | grep '^|'
+echo "Demo results: COCO bbox metrics on $DATA/val2017, training wall time on this machine,"
+echo "bytes saved for backward in one training forward (batch 4 x 256x256):"
+"$PYTHON" tools/demo_summary.py --memory "$WORK/memory/results.json" "${runs[@]}"
+echo "(whole demo: $((SECONDS / 60)) min $((SECONDS % 60)) s; logs and checkpoints in $WORK/)"

@@ -2,7 +2,8 @@
 # Train on GPUS processes of this node (NNODES nodes in all) with torch.distributed.run.
 # Usage: bash tools/dist_train.sh CONFIG GPUS [train.py options...]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and PORT) on every node;
-# PYTHON picks the interpreter (default: python on PATH).
+# PYTHON picks the interpreter (default: the repository's .venv/bin/python that `make env`
+# builds, else python3 on PATH).
 set -euo pipefail
 
 CONFIG=$1
@@ -13,7 +14,11 @@ PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 
 TOOLS=$(dirname "$0")
-PYTHONPATH="$TOOLS/..:${PYTHONPATH:-}" exec "${PYTHON:-python}" -m torch.distributed.run \
+VENV_PYTHON="$TOOLS/../.venv/bin/python"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$VENV_PYTHON" ]; then PYTHON=$VENV_PYTHON; else PYTHON=python3; fi
+fi
+PYTHONPATH="$TOOLS/..:${PYTHONPATH:-}" exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
     --nproc_per_node="$GPUS" --master_port="$PORT" \
     "$TOOLS/train.py" "$CONFIG" --launcher pytorch "${@:3}"

@@ -16,12 +16,11 @@ import os
 from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
-from sbp_mmdet.utils import DatasetError, check_dataset, load_tool_config
+from sbp_mmdet.utils import DatasetError, build_runner, check_dataset, load_tool_config
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a detector checkpoint')
@@ -95,8 +94,10 @@ def main() -> None:
         check_dataset(cfg, ['test_dataloader', 'test_evaluator'])
     except DatasetError as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
+    if '://' not in args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f'Checkpoint {args.checkpoint} does not exist\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg, args.config)
     if args.out is not None:
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()

@@ -17,12 +17,12 @@ import os
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
-from sbp_mmdet.utils import DatasetError, check_dataset, load_tool_config
+from sbp_mmdet.models import sbp_model_problem
+from sbp_mmdet.utils import (DatasetError, ResumeError, build_runner, check_dataset,
+                             load_tool_config, prepare_resume)
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,14 +82,18 @@ def main() -> None:
     # and mmdet caps its cache (DYNAMO_CACHE_SIZE_LIMIT, default 4) to bound that.
     setup_cache_size_limit_of_dynamo()
     cfg = build_config(args)
+    problem = sbp_model_problem(cfg.model)
+    if problem is not None:
+        raise SystemExit(f'{problem}\n(config: {args.config})')
     validates = cfg.get('val_cfg') is not None
     try:
         check_dataset(cfg, ['train_dataloader'] +
                       (['val_dataloader', 'val_evaluator'] if validates else []))
-    except DatasetError as err:
+        prepare_resume(cfg)  # the checkpoint's seed, before the dataloaders are built
+    except (DatasetError, ResumeError) as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg, args.config)
     runner.train()
 
 

@@ -1,4 +1,5 @@
-# The demo model on the smallest input, for smoke tests: 64 px images, 4 iterations.
+# The demo model on the smallest input, for smoke tests: 64 px images, 4 iterations, the
+# demo's training pipeline (RandomFlip included) and no fixed seed, as in the demo.
 # Data: python tools/make_synthetic_coco.py data/synthetic_coco_tiny --img-size 64 \
 #           --num-train 8 --num-val 4
 _base_ = './faster-rcnn_r18_fpn_synthetic.py'
@@ -11,6 +12,7 @@ train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [

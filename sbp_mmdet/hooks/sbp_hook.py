@@ -1,15 +1,20 @@
-"""A hook that schedules SBP's keep ratio and logs what SBP does."""
-import random
+"""A hook that schedules SBP's keep ratio, makes resumed runs exact and logs SBP."""
+import logging
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 
+from ..engine.seeding import SeededIterator, derived_seed, seed_global_generators
+from ..models.checks import sbp_model_problem
 from ..sbp import SBPConfig
+
+# Salts that keep the reseeding streams of the two kinds of loops apart.
+_ITER_SALT, _EPOCH_SALT = 1, 2
 
 
 def keep_ratio_schedule(base: float, it: int, max_iters: Optional[int] = None,
@@ -42,14 +47,32 @@ def keep_ratio_schedule(base: float, it: int, max_iters: Optional[int] = None,
 
 @HOOKS.register_module()
 class SBPHook(Hook):
-    """Schedules the SBP keep ratio and logs SBP state every iteration.
+    """Schedules the SBP keep ratio, makes ``--resume`` exact and logs SBP state.
 
-    Before each training iteration the hook sets the keep ratio of every SBP
-    module of the model (``ResNetSBP``, ``FPNSBP``) from its schedule and
-    sets their mask step to ``runner.iter``, so the masks (and the schedule)
-    are a function of the iteration: a resumed run draws exactly the masks an
-    uninterrupted run draws. After each iteration it writes to the message
-    hub, hence to every logger/visualizer backend (console, TensorBoard,...):
+    **Schedule.** Before each training iteration the hook sets the keep ratio
+    of every SBP module of the model (``ResNetSBP``, ``FPNSBP``) from its
+    schedule and their mask step to ``runner.iter``.
+
+    **Exact resume.** The masks are a function of (run seed, rank,
+    iteration): the run seed is ``runner.seed``, which mmengine draws at
+    start when the config fixes none, stores in every checkpoint
+    (``meta.seed``; the hook also stores it in ``meta.sbp.seed``) and
+    restores on resume. The other random draws of a training step, the data
+    pipeline's in the main process (``RandomFlip``, ``RandomResize`` with
+    ``num_workers=0``) and the detector's RPN/RoI sampling, come from the
+    global generators, which the hook reseeds from (run seed, rank, iteration)
+    before each batch is fetched (iteration-based loops: mmengine's "advance
+    dataloader" on resume then replays the skipped batches with their own
+    seeds) or from (run seed, rank, epoch) before each epoch (epoch-based
+    loops, which resume at an epoch start). Python, numpy and torch (CPU and
+    CUDA) generators are seeded. Data workers (``num_workers > 0``) are seeded
+    by mmengine from the run seed when they start; they replay the same
+    batches on resume, except ``persistent_workers=True`` in an epoch-based
+    loop, where a resumed run's workers start again from their initial state
+    (the hook warns; the COCO SBP configs set ``persistent_workers=False``).
+
+    **Logging.** After each iteration the hook writes to the message hub,
+    hence to every logger/visualizer backend (console, TensorBoard,...):
     ``sbp/keep_ratio`` (in force), ``sbp/kept_fraction_s{stride}`` (realised
     fraction of kept rows per stride) and, on CUDA, ``sbp/max_memory_mib``.
 
@@ -57,11 +80,12 @@ class SBPHook(Hook):
         dense_warmup_iters (int): train densely for the first K iterations.
             Default: 0.
         steps (Sequence[tuple[int, float]]): ``(start_iter, keep_ratio)``
-            pairs; the ratio changes at each start. Default: () (the model's
-            configured ratio throughout).
+            pairs with distinct, non-negative start iterations; the ratio
+            changes at each start. Default: () (the model's configured ratio
+            throughout).
         ramp (tuple[int, int, float, float], optional): ``(begin, end,
-            start_ratio, end_ratio)``: linear change of the ratio between two
-            iterations. Default: None.
+            start_ratio, end_ratio)`` with ``0 <= begin < end``: linear change
+            of the ratio between two iterations. Default: None.
         dense_last_epochs (int): train densely in the last N epochs (converted
             to iterations with the train loop's length). Default: 0.
         dense_last_iters (int): train densely in the last N iterations.
@@ -80,18 +104,27 @@ class SBPHook(Hook):
         for name, value in (('dense_warmup_iters', dense_warmup_iters),
                             ('dense_last_epochs', dense_last_epochs),
                             ('dense_last_iters', dense_last_iters)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f'SBPHook: {name} must be a non-negative int, got {value!r}')
+            _check_iteration(value, f'SBPHook: {name}')
         self.steps: List[Tuple[int, float]] = []
         for step in steps:
-            if len(step) != 2:
-                raise ValueError(f'SBPHook: steps entries are (start_iter, keep_ratio), got {step!r}')
-            self.steps.append((int(step[0]), SBPConfig(keep_ratio=step[1]).keep_ratio))
+            if not isinstance(step, (list, tuple)) or len(step) != 2:
+                raise ValueError('SBPHook: steps entries are (start_iter, keep_ratio), '
+                                 f'got {step!r}')
+            _check_iteration(step[0], 'SBPHook: steps start_iter')
+            self.steps.append((step[0], SBPConfig(keep_ratio=step[1]).keep_ratio))
+        starts = [start for start, _ in self.steps]
+        if len(set(starts)) != len(starts):
+            raise ValueError(f'SBPHook: steps start at the same iteration more than once: '
+                             f'{sorted(starts)}; give each start_iter once')
         if ramp is not None:
-            if len(ramp) != 4 or not ramp[0] < ramp[1]:
-                raise ValueError('SBPHook: ramp is (begin, end, start_ratio, end_ratio) with '
-                                 f'begin < end, got {ramp!r}')
-            ramp = (int(ramp[0]), int(ramp[1]), SBPConfig(keep_ratio=ramp[2]).keep_ratio,
+            if not isinstance(ramp, (list, tuple)) or len(ramp) != 4:
+                raise ValueError('SBPHook: ramp is (begin, end, start_ratio, end_ratio), '
+                                 f'got {ramp!r}')
+            _check_iteration(ramp[0], 'SBPHook: ramp begin')
+            _check_iteration(ramp[1], 'SBPHook: ramp end')
+            if not ramp[0] < ramp[1]:
+                raise ValueError(f'SBPHook: ramp needs begin < end, got {ramp!r}')
+            ramp = (ramp[0], ramp[1], SBPConfig(keep_ratio=ramp[2]).keep_ratio,
                     SBPConfig(keep_ratio=ramp[3]).keep_ratio)
         if ramp is not None and self.steps:
             raise ValueError('SBPHook: give steps or ramp, not both')
@@ -99,12 +132,24 @@ class SBPHook(Hook):
         self.dense_warmup_iters = dense_warmup_iters
         self.dense_last_epochs = dense_last_epochs
         self.dense_last_iters = dense_last_iters
+        self.seed: Optional[int] = None
         self._base: dict = {}
+        self._loaded_meta: Optional[dict] = None
 
     @staticmethod
     def sbp_modules(model: nn.Module) -> List[nn.Module]:
         model = model.module if is_model_wrapper(model) else model
         return [m for m in model.modules() if hasattr(m, 'mask_sampler')]
+
+    def before_run(self, runner) -> None:
+        """Refuse an SBP neck whose settings disagree with the SBP backbone's,
+        before weights are initialised or data is loaded."""
+        problem = sbp_model_problem(runner.cfg.get('model') or {})
+        if problem is not None:
+            raise ValueError(problem)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._loaded_meta = checkpoint.get('meta', {})
 
     def before_train(self, runner) -> None:
         modules = self.sbp_modules(runner.model)
@@ -112,6 +157,51 @@ class SBPHook(Hook):
             raise RuntimeError('SBPHook: the model has no SBP module (ResNetSBP/FPNSBP); '
                                'remove the hook or use an SBP backbone/neck')
         self._base = {id(m): m.keep_ratio for m in modules}
+        resumed = runner.iter > 0 or runner.epoch > 0
+        sbp_meta = (self._loaded_meta or {}).get('sbp') if resumed else None
+        self.seed = int(sbp_meta['seed'] if sbp_meta else runner.seed)
+        for module in modules:
+            module.mask_sampler.set_seed(self.seed)
+        if resumed:
+            self._check_resume(runner, sbp_meta)
+        loop = runner.train_loop
+        if hasattr(loop, 'dataloader_iterator') and \
+                not isinstance(loop.dataloader_iterator, SeededIterator):
+            loop.dataloader_iterator = SeededIterator(loop.dataloader_iterator, self.seed,
+                                                      _ITER_SALT)
+
+    def _check_resume(self, runner, sbp_meta: Optional[dict]) -> None:
+        """Warn about what a resumed run cannot repeat of the interrupted one."""
+        if sbp_meta is None:
+            print_log(f'SBPHook: resumed at iteration {runner.iter} from a checkpoint written '
+                      'without SBPHook (a dense run, or an SBP run without the hook): the '
+                      'iterations before it did not train with this config\'s SBP schedule '
+                      'and masks', logger='current', level=logging.WARNING)
+        loader = runner.train_dataloader
+        if not hasattr(runner.train_loop, 'dataloader_iterator') and \
+                getattr(loader, 'num_workers', 0) > 0 and getattr(loader, 'persistent_workers',
+                                                                  False):
+            print_log('SBPHook: the data workers of this epoch-based loop persist across epochs, '
+                      'so the resumed run\'s workers start from their initial random state, '
+                      'not from where the interrupted run\'s were: augmentations differ (masks, '
+                      'data order and the model\'s sampling do not). Set '
+                      'train_dataloader.persistent_workers=False for an exact resume',
+                      logger='current', level=logging.WARNING)
+        sampler = getattr(loader, 'sampler', None)
+        diff_rank_seed = (runner.cfg.get('randomness') or {}).get('diff_rank_seed', False)
+        sampler_seed = getattr(sampler, 'seed', None)
+        if sampler_seed is not None and not diff_rank_seed and sampler_seed != runner.seed:
+            print_log(f'SBPHook: the train dataloader was built with seed {sampler_seed} before '
+                      f'the checkpoint\'s seed {runner.seed} was restored, so the data order '
+                      'and the data workers\' augmentations differ from the interrupted run. '
+                      f'Resume with randomness.seed={runner.seed} (tools/train.py --resume '
+                      'does this) for an exact resume', logger='current', level=logging.WARNING)
+
+    def before_train_epoch(self, runner) -> None:
+        if not isinstance(getattr(runner.train_loop, 'dataloader_iterator', None),
+                          SeededIterator):
+            seed_global_generators(derived_seed(self.seed, runner.rank, _EPOCH_SALT,
+                                                runner.epoch))
 
     def _dense_tail(self, runner) -> int:
         tail = self.dense_last_iters
@@ -127,25 +217,8 @@ class SBPHook(Hook):
             module.mask_sampler.step = runner.iter
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Store the random states that the next iterations draw from.
-
-        SBP's masks follow ``runner.iter``; the detector's samplers (RPN and
-        RoI sampling) draw from the global generators, which mmengine does not
-        checkpoint. Restoring them makes a resumed run continue with the
-        losses an uninterrupted run would have.
-        """
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint.setdefault('meta', {})['sbp_random_state'] = dict(
-            torch=torch.get_rng_state(), python=random.getstate(),
-            numpy=(name, keys.tolist(), int(pos), int(has_gauss), float(cached)))
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = checkpoint.get('meta', {}).get('sbp_random_state')
-        if state is not None:
-            torch.set_rng_state(state['torch'])
-            name, keys, pos, has_gauss, cached = state['numpy']
-            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-            random.setstate(state['python'])
+        """Store the run seed the masks are drawn from (``meta.sbp``)."""
+        checkpoint.setdefault('meta', {})['sbp'] = dict(seed=self.seed)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         hub = runner.message_hub
@@ -157,3 +230,10 @@ class SBPHook(Hook):
                 hub.update_scalar(f'train/sbp/kept_fraction_s{stride}', fraction)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             hub.update_scalar('train/sbp/max_memory_mib', torch.cuda.max_memory_allocated() / 2**20)
+
+
+def _check_iteration(value, name: str) -> None:
+    """Refuse anything but a non-negative int (``True`` included)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'{name} must be a non-negative int (an iteration count), '
+                         f'got {value!r}')

@@ -48,7 +48,8 @@ class SBPConfig:
                 or self.grid_cell < 1:
             raise ValueError(f'sbp.grid_cell must be a positive int, got {self.grid_cell!r}')
         if self.grad_scale not in GRAD_SCALES:
-            raise ValueError(f'sbp.grad_scale must be one of {GRAD_SCALES}, got {self.grad_scale!r}')
+            raise ValueError(f'sbp.grad_scale must be one of {GRAD_SCALES}, '
+                             f'got {self.grad_scale!r}')
         if not isinstance(self.recompute, bool):
             raise TypeError(f'sbp.recompute must be True or False, got {self.recompute!r}')
 

@@ -6,7 +6,7 @@ and the stride of each map. An SBP neck reads them from its input and returns
 ``SBPFeatures`` of its own outputs, an SBP head reads them from the neck's
 output. Nothing is looked up in a process-wide table: a module that receives
 plain tensors (e.g. behind a dense module that rebuilt the tuple) has no mask
-to follow and says so (``SBPModuleMixin.sbp_context``).
+to follow and says so (``SBPModuleMixin.sbp_follow``).
 """
 from typing import Iterable, Sequence, Tuple
 

@@ -43,18 +43,24 @@ def grid_period(keep_ratio: float) -> int:
 class RowMaskSampler:
     """Draws the base row mask of each iteration.
 
-    Masks are a pure function of ``(seed, step)``: the seed follows the
-    runner's (``torch.initial_seed()`` at construction, plus the distributed
-    rank so that every rank drops different rows and the averaged gradient
-    covers more of the image), and ``step`` counts training iterations. Saving
-    and restoring ``step`` therefore restores the mask sequence exactly.
+    Masks are a pure function of ``(seed, step)``: ``seed`` is a run seed
+    plus the distributed rank (every rank drops different rows, so the
+    averaged gradient covers more of the image), and ``step`` counts training
+    iterations. ``SBPHook`` sets the run seed to the runner's (the one
+    mmengine stores in checkpoints and restores on resume) and ``step`` to the
+    iteration, so the masks are a function of (run seed, rank, iteration).
+    Without the hook the run seed is ``torch.initial_seed()`` at construction.
     """
 
     def __init__(self, cfg: SBPConfig, seed: Optional[int] = None) -> None:
         self.cfg = cfg
-        self.seed = int(torch.initial_seed() if seed is None else seed) + _rank()
+        self.set_seed(torch.initial_seed() if seed is None else seed)
         self.step = 0
         self.keep_ratio = float(cfg.keep_ratio)
+
+    def set_seed(self, run_seed: int) -> None:
+        """Draw from ``run_seed`` (the same on every rank) plus this process's rank."""
+        self.seed = int(run_seed) + _rank()
 
     def sample(self, num_rows: int) -> Tensor:
         """The base mask (bool, ``num_rows``) of the current step; advances it."""

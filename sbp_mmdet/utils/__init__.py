@@ -1,7 +1,10 @@
 """Utilities shared by the tools and the tests."""
 from .dataset_check import (AnnotationFileError, DatasetError, DatasetNotFoundError, check_dataset,
                             coco_annotation_problem, missing_dataset_files)
-from .tool_config import load_tool_config
+from .quiet_logs import mmengine_logs_to_file
+from .resume import ResumeError, prepare_resume
+from .tool_config import build_runner, load_tool_config
 
 __all__ = ['AnnotationFileError', 'DatasetError', 'DatasetNotFoundError', 'check_dataset',
-           'coco_annotation_problem', 'missing_dataset_files', 'load_tool_config']
+           'coco_annotation_problem', 'missing_dataset_files', 'load_tool_config', 'build_runner',
+           'ResumeError', 'prepare_resume', 'mmengine_logs_to_file']

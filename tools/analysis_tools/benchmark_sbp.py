@@ -65,9 +65,9 @@ def _run_variant(args, name, queue, log_path):
     os.dup2(log, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
     from mmengine.config import Config
 
+    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
     from sbp_mmdet.benchmark import Variant, measure_variant
     cfg = Config.fromfile(args.config)
     if args.cfg_options:

@@ -81,10 +81,15 @@ def variant_options(name: str) -> List[str]:
     return opts
 
 
-def run(cmd: List[str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+def run(cmd: List[str], log_file: str) -> None:
+    """Run ``cmd`` in the repository with its whole output in ``log_file``."""
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, 'w') as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
-        raise SystemExit(f'failed: {" ".join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
+        with open(log_file) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f'failed: {" ".join(cmd)}\n--- end of {log_file}:\n{tail}')
 
 
 def train_and_test(args, variant: str, seed: int) -> Dict:
@@ -102,13 +107,16 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
             return result
     python = sys.executable
     start = time.time()
-    run([python, 'tools/train.py', args.config, '--work-dir', work, '--cfg-options', *opts])
+    print(f'  training (log: {work}/train.log)', flush=True)
+    run([python, 'tools/train.py', args.config, '--work-dir', work, '--cfg-options', *opts],
+        os.path.join(work, 'train.log'))
     train_s = time.time() - start
     with open(os.path.join(work, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()
     test_dir = os.path.join(work, 'test')
+    print(f'  evaluating (log: {work}/test.log)', flush=True)
     run([python, 'tools/test.py', args.config, checkpoint, '--work-dir', test_dir,
-         '--cfg-options', *opts])
+         '--cfg-options', *opts], os.path.join(work, 'test.log'))
     logs = sorted(p for p in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, p)))
     metrics_file = next(os.path.join(test_dir, logs[-1], f) for f in
                         os.listdir(os.path.join(test_dir, logs[-1])) if f.endswith('.json'))
@@ -146,17 +154,17 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv=None):
-    from mmengine.utils import ProgressBar
     args = parse_args(argv)
     for variant in args.variants:
         variant_options(variant)  # fail early on a bad name
     jobs = [(v, s) for v in args.variants for s in args.seeds]
-    bar = ProgressBar(len(jobs))
     runs = []
-    for variant, seed in jobs:
+    for i, (variant, seed) in enumerate(jobs, 1):
+        print(f'[{i}/{len(jobs)}] {variant}, seed {seed}', flush=True)
         runs.append(train_and_test(args, variant, seed))
-        bar.update()
-    sys.stdout.write('\n')
+        print(f"  bbox mAP {runs[-1]['bbox_mAP']:.3f}, training {runs[-1]['train_s']:.0f} s",
+              flush=True)
+    print()
     rows = summarise(runs)
     table = format_table(rows)
     print(table)

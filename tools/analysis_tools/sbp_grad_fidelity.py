@@ -50,12 +50,12 @@ def parse_args(argv=None):
 
 def build(args):
     """The detector in train mode and an iterator over its preprocessed batches."""
-    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner, load_checkpoint
 
-    from mmdet.registry import MODELS
+    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
     from sbp_mmdet.utils.dataset_check import check_dataset
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
@@ -119,13 +119,17 @@ def main(argv=None):
     from mmengine.utils import ProgressBar
 
     from sbp_mmdet.grad_fidelity import gradient_fidelity
+    from sbp_mmdet.utils import mmengine_logs_to_file
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, batches = build(args)
+    log_file = os.path.join(args.out_dir, 'grad_fidelity.log')
+    print(f'building the model and the dataloader (log: {log_file})')
     bar = ProgressBar(args.iters)
-    results = gradient_fidelity(model, batches, args.keep_ratios, args.seed,
-                                on_batch=bar.update)
+    with mmengine_logs_to_file(log_file):
+        model, batches = build(args)
+        results = gradient_fidelity(model, batches, args.keep_ratios, args.seed,
+                                    on_batch=bar.update)
     sys.stdout.write('\n')
     table = format_table(results)
     print(table)

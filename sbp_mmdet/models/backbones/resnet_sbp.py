@@ -96,6 +96,9 @@ class ResNetSBP(SBPModuleMixin, ResNet):
               Default 0.5. 1.0 trains densely.
             - ``sampling`` (str): ``'grid'`` (periodic rows, random offset per
               iteration; default) or ``'random'``.
+            - ``grid_cell`` (int): with ``'grid'`` sampling, rows of the base
+              mask kept or dropped together. Default 2; taller cells save
+              more (a smaller share of 3x3 halo rows).
             - ``grad_scale`` (str): ``'none'`` (default) or ``'inverse_keep'``.
             - ``recompute`` (bool): recompute block internals on the kept rows
               in backward instead of storing them. Default False. A block with
