@@ -231,8 +231,9 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.25', 'model.backbone.sbp.sampling=random',
         'model.backbone.sbp.stages=(False,True,True,False,)', 'model.backbone.sbp.grid_cell=4',
         'model.backbone.sbp.grad_scale=inverse_keep', 'model.neck.sbp.grad_scale=inverse_keep']
-    assert tool.variant_options('sbp@0.5:dense_neck') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN']
+    assert tool.variant_options('sbp@0.5:dense_neck:inverse_keep') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN',
+        'model.backbone.sbp.grad_scale=inverse_keep']
     assert tool.variant_options('sbp@0.5:sbp_rpn_head') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head') == [

@@ -70,8 +70,9 @@ def variant_options(name: str) -> List[str]:
             opts.append(f'model.backbone.sbp.stages=({flags},)')
         elif suffix.startswith('cell='):
             opts.append(f'model.backbone.sbp.grid_cell={int(suffix[5:])}')
-        elif suffix == 'inverse_keep':
-            opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in ('backbone', 'neck')]
+        elif suffix == 'inverse_keep':  # in the SBP modules: not in a dense neck
+            parts = ('backbone',) if 'dense_neck' in suffixes else ('backbone', 'neck')
+            opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in parts]
         elif suffix == 'dense_neck':
             opts.append('model.neck.type=FPN')
         elif suffix in HEAD_SUFFIXES:
