@@ -234,6 +234,8 @@ def test_accuracy_variants_become_config_options():
     assert tool.variant_options('sbp@0.5:dense_neck:inverse_keep') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN',
         'model.backbone.sbp.grad_scale=inverse_keep']
+    assert tool.variant_options('sbp@0.5:neck=output') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(output,)']
     assert tool.variant_options('sbp@0.5:sbp_rpn_head') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head') == [

@@ -261,6 +261,36 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
     assert_grads_match(sbp_model, dense)
 
 
+@pytest.mark.parametrize('convs', [('lateral',), ('output',)])
+def test_neck_convs_choose_which_neck_convs_use_sbp(convs):
+    """``sbp.convs`` of FPNSBP: the chosen conv group follows the mask, the other
+    runs densely; the detector still equals the where/detach reference."""
+    cfg = small_faster_rcnn_cfg(True)
+    cfg.neck.sbp = dict(convs=convs)
+    sbp_model = build_detector(cfg)
+    dense = build_detector(small_faster_rcnn_cfg(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, [(96, 128)] * 2)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+    group = dense.neck.lateral_convs if convs == ('lateral',) else dense.neck.fpn_convs
+    units += [group[i] for i, stride in enumerate((4, 8, 16, 32)) if iteration.covers(stride)]
+    add_reference_hooks(units, iteration, data['inputs'].shape[2])
+    ref_loss = total_loss(dense, data)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(sbp_model, dense)
+
+
+@pytest.mark.parametrize('convs', [(), 'lateral', ('lateral', 'top_down')])
+def test_bad_neck_convs_are_refused_naming_the_choices(convs):
+    with pytest.raises(ValueError, match=r"FPNSBP: sbp.convs must be a non-empty sequence of "
+                                         r"\('lateral', 'output'\)"):
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, sbp=dict(convs=convs))
+
+
 def test_faster_rcnn_config_saves_much_less_for_backward():
     """configs/faster_rcnn_r50_sbp.py: backbone stages 2-3 and P2-P4 at keep 0.5
     store about half of their activations (the 3x3 halo and the dense stage 4

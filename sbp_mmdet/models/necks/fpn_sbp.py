@@ -8,6 +8,8 @@ from torch import Tensor
 from ...sbp import SBPFeatures, SBPIteration, SBPModuleMixin
 from ..layers import SBPConvModule
 
+CONV_GROUPS = {'lateral': 'lateral_convs', 'output': 'fpn_convs'}
+
 
 @MODELS.register_module()
 class FPNSBP(SBPModuleMixin, FPN):
@@ -32,16 +34,28 @@ class FPNSBP(SBPModuleMixin, FPN):
             backbone that returns no mask (a dense one) the neck raises an
             error, unless ``own_mask=True``: then it draws its own mask with its
             own settings, at strides relative to its first input (1, 2, 4, ...).
-            Default: None.
+            ``convs`` (sequence of ``'lateral'``/``'output'``, default both):
+            which convs train with SBP; the others run densely (a dense
+            lateral stores its backbone map in full, a dense output conv its
+            merged map). Default: None.
         **kwargs: the arguments of ``mmdet.models.FPN``.
     """
 
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.own_mask = bool(self.init_sbp(sbp, ('own_mask',)).get('own_mask', False))
-        for kind in ('lateral_convs', 'fpn_convs'):
+        extra = self.init_sbp(sbp, ('own_mask', 'convs'))
+        self.own_mask = bool(extra.get('own_mask', False))
+        self.sbp_conv_groups = self._conv_groups(extra.get('convs', tuple(CONV_GROUPS)))
+        for kind in self.sbp_conv_groups:
             for i, module in enumerate(getattr(self, kind)):
                 SBPConvModule.adopt(module, f'{self.sbp_name}.{kind}.{i}')
+
+    def _conv_groups(self, convs: Sequence[str]) -> Tuple[str, ...]:
+        """The attribute names of the conv groups ``sbp.convs`` asks SBP on."""
+        if isinstance(convs, str) or not all(c in CONV_GROUPS for c in convs) or not convs:
+            raise ValueError(f'{self.sbp_name}: sbp.convs must be a non-empty sequence of '
+                             f'{tuple(CONV_GROUPS)}, got {convs!r} (for a dense neck use FPN)')
+        return tuple(CONV_GROUPS[c] for c in CONV_GROUPS if c in convs)
 
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
         if not self.sbp_training():
@@ -69,13 +83,16 @@ class FPNSBP(SBPModuleMixin, FPN):
         return [first * 2**i for i in range(self.num_outs)]
 
     def _layers(self, strides: List[int]) -> list:
-        """(conv module, input stride) of every lateral and output conv."""
+        """(conv module, input stride) of the SBP lateral and output convs."""
         level_strides = strides[self.start_level:self.backbone_end_level]
-        layers = list(zip(self.lateral_convs, level_strides))
-        layers += list(zip(self.fpn_convs, level_strides))
-        extra_stride = {'on_input': strides[self.backbone_end_level - 1]}.get(
-            self.add_extra_convs, level_strides[-1])
-        for module in list(self.fpn_convs)[len(level_strides):]:
-            layers.append((module, extra_stride))
-            extra_stride *= 2
+        layers = []
+        if 'lateral_convs' in self.sbp_conv_groups:
+            layers += list(zip(self.lateral_convs, level_strides))
+        if 'fpn_convs' in self.sbp_conv_groups:
+            layers += list(zip(self.fpn_convs, level_strides))
+            extra_stride = {'on_input': strides[self.backbone_end_level - 1]}.get(
+                self.add_extra_convs, level_strides[-1])
+            for module in list(self.fpn_convs)[len(level_strides):]:
+                layers.append((module, extra_stride))
+                extra_stride *= 2
         return layers
