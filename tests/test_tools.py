@@ -255,3 +255,28 @@ def test_demo_summary_puts_metrics_and_memory_side_by_side(tmp_path: Path) -> No
     assert proc.stdout.splitlines()[2:] == [
         '| dense_cfg | 1.0 (dense) | 13 min 49 s | 0.350 | 0.600 | 0.300 | 200 | 1.00x |',
         '| sbp_cfg | 0.5 | 1 min 01 s | 0.310 | 0.600 | 0.300 | 130 | 0.65x |']
+
+
+def test_demo_summary_says_how_far_single_runs_spread_between_seeds(tmp_path: Path) -> None:
+    memory = tmp_path / 'results.json'
+    memory.write_text(json.dumps(dict(meta={}, rows=[dict(variant='dense', saved_mib=200.0)])))
+    metrics = tmp_path / 'dense.json'
+    metrics.write_text(json.dumps({'coco/bbox_mAP': 0.35, 'coco/bbox_mAP_50': 0.6,
+                                   'coco/bbox_mAP_75': 0.3}))
+    runs = [dict(variant=v, seed=s, bbox_mAP=m) for v, s, m in (
+        ('dense', 0, 0.34), ('dense', 1, 0.36), ('sbp@0.5', 0, 0.30), ('sbp@0.5', 1, 0.33))]
+    summary = [dict(variant='dense', seeds=2, mAP_mean=0.35, mAP_spread=0.02),
+               dict(variant='sbp@0.5', seeds=2, mAP_mean=0.315, mAP_spread=0.03)]
+    study = tmp_path / 'study' / 'accuracy.json'
+    study.parent.mkdir()
+    study.write_text(json.dumps(dict(runs=runs, summary=summary)))
+    args = ['--memory', str(memory), '--run', 'd', 'dense', '60', str(metrics),
+            '--run', 's', 'sbp@0.5', '60', str(metrics)]
+    lines = run_tool('demo_summary.py', args + ['--study', str(study)], tmp_path).stdout
+    assert lines.splitlines()[-1] == (
+        'One run per config: on this benchmark single runs of the same config differ by up to '
+        '3.0 mAP points between seeds, so one pair of runs decides little. The multi-seed study '
+        f'{study.parent}: dense 0.340-0.360 (mean 0.350, 2 seeds); sbp@0.5 0.300-0.330 '
+        '(mean 0.315, 2 seeds); difference of means -3.5 points.')
+    without = run_tool('demo_summary.py', args, tmp_path).stdout
+    assert 'seeds' not in without

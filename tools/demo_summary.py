@@ -5,11 +5,13 @@ Example::
 
     python tools/demo_summary.py --memory work_dirs/demo/memory/results.json \
         --run faster-rcnn_r18_fpn_synthetic dense 829 work_dirs/demo/x/test/t/t.json \
-        --run faster-rcnn_r18_fpn_sbp_synthetic sbp@0.5 739 work_dirs/demo/y/test/t/t.json
+        --run faster-rcnn_r18_fpn_sbp_synthetic sbp@0.5 739 work_dirs/demo/y/test/t/t.json \
+        --study docs/results/accuracy_neck_synthetic/accuracy.json
 """
 import argparse
 import json
-from typing import Dict, List
+import os
+from typing import Dict, List, Optional
 
 METRICS = ('mAP', 'mAP_50', 'mAP_75')
 
@@ -22,6 +24,9 @@ def parse_args() -> argparse.Namespace:
                         '(dense, sbp@0.5), its training seconds and tools/test.py metrics')
     parser.add_argument('--memory', required=True,
                         help='results.json of tools/analysis_tools/benchmark_sbp.py')
+    parser.add_argument('--study', default=None,
+                        help='accuracy.json of tools/analysis_tools/sbp_accuracy.py on the same '
+                        'configs: prints the seed spread of single runs and the seeds\' means')
     return parser.parse_args()
 
 
@@ -48,11 +53,37 @@ def summary_table(runs: List[List[str]], memory_rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
+def seed_spread_note(study_file: str, variants: List[str]) -> Optional[str]:
+    """What one run per config can and cannot say, from a multi-seed study of the
+    same configs: each variant's seed range and mean, and the difference of means."""
+    with open(study_file) as f:
+        study = json.load(f)
+    rows = {row['variant']: row for row in study['summary']}
+    if not all(v in rows and rows[v]['seeds'] >= 2 for v in variants):
+        return None
+    ranges = []
+    for variant in variants:
+        maps = [r['bbox_mAP'] for r in study['runs'] if r['variant'] == variant]
+        ranges.append(f'{variant} {min(maps):.3f}-{max(maps):.3f} '
+                      f'(mean {rows[variant]["mAP_mean"]:.3f}, {len(maps)} seeds)')
+    spread = max(rows[v]['mAP_spread'] for v in variants)
+    means = [rows[v]['mAP_mean'] for v in variants]
+    return (f'One run per config: on this benchmark single runs of the same config differ by up '
+            f'to {100 * spread:.1f} mAP points between seeds, so one pair of runs decides '
+            f'little. The multi-seed study {os.path.dirname(study_file)}: '
+            + '; '.join(ranges)
+            + f'; difference of means {100 * (means[-1] - means[0]):+.1f} points.')
+
+
 def main() -> None:
     args = parse_args()
     with open(args.memory) as f:
         memory_rows = json.load(f)['rows']
     print(summary_table(args.run, memory_rows))
+    if args.study:
+        note = seed_spread_note(args.study, [variant for _, variant, _, _ in args.run])
+        if note:
+            print(note)
 
 
 if __name__ == '__main__':
