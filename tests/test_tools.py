@@ -280,3 +280,52 @@ def test_demo_summary_says_how_far_single_runs_spread_between_seeds(tmp_path: Pa
         '(mean 0.315, 2 seeds); difference of means -3.5 points.')
     without = run_tool('demo_summary.py', args, tmp_path).stdout
     assert 'seeds' not in without
+
+
+FINETUNE = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+
+
+def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(
+        tmp_path: Path) -> None:
+    """tools/pretrain_synthetic_backbone.py: a second synthetic set, a dense training,
+    the backbone's weights alone; ResNetSBP with the fine-tuning configs' init_cfg
+    loads exactly those weights."""
+    from mmdet.registry import MODELS
+    from mmengine.runner import CheckpointLoader
+    config = tmp_path / 'pretrain_tiny.py'
+    config.write_text(
+        f"_base_ = '{TINY}'\ndata_root = 'data/pretrain_tiny/'\n"
+        "train_dataloader = dict(dataset=dict(data_root=data_root))\n"
+        "val_dataloader = dict(dataset=dict(data_root=data_root))\n"
+        "test_dataloader = val_dataloader\n"
+        "val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')\n"
+        "test_evaluator = val_evaluator\n")
+    proc = run_tool('pretrain_synthetic_backbone.py',
+                    ['--config', str(config), '--out', 'checkpoints/backbone.pth',
+                     '--num-train', '8', '--num-val', '4', '--work-dir', 'work_dirs/pre'],
+                    tmp_path)
+    assert 'wrote checkpoints/backbone.pth' in proc.stdout
+    assert (tmp_path / 'data' / 'pretrain_tiny' / 'annotations').is_dir()
+    detector = CheckpointLoader.load_checkpoint(
+        str(tmp_path / 'work_dirs' / 'pre' / f'iter_{MAX_ITERS}.pth'))['state_dict']
+    saved = torch.load(tmp_path / 'checkpoints' / 'backbone.pth', weights_only=True)
+    assert saved['state_dict'].keys() == {k[9:] for k in detector if k.startswith('backbone.')}
+
+    cfg = Config.fromfile(str(FINETUNE)).model.backbone
+    assert cfg.frozen_stages == 1 and cfg.norm_eval
+    cfg.init_cfg.checkpoint = str(tmp_path / 'checkpoints' / 'backbone.pth')
+    backbone = MODELS.build(cfg)
+    assert backbone.sbp_blocks == [[False] * 2, [True] * 2, [True] * 2, [False] * 2]
+    backbone.init_weights()
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, detector[f'backbone.{name}'], rtol=0, atol=0)
+
+
+def test_train_names_missing_pretrained_weights_before_the_runner(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), str(FINETUNE)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert ("model.backbone.init_cfg.checkpoint = 'checkpoints/synthetic_r18_backbone.pth'"
+            in proc.stderr)
+    assert 'python tools/pretrain_synthetic_backbone.py' in proc.stderr
+    assert not (tmp_path / 'work_dirs').exists()

@@ -21,8 +21,9 @@ from mmengine.config import Config, DictAction
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import setup_cpu_distributed
 from sbp_mmdet.models import sbp_model_problem
-from sbp_mmdet.utils import (DatasetError, ResumeError, build_runner, check_dataset,
-                             load_tool_config, prepare_resume)
+from sbp_mmdet.utils import (DatasetError, PretrainedNotFoundError, ResumeError, build_runner,
+                             check_dataset, check_pretrained_weights, load_tool_config,
+                             prepare_resume)
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,10 +88,11 @@ def main() -> None:
         raise SystemExit(f'{problem}\n(config: {args.config})')
     validates = cfg.get('val_cfg') is not None
     try:
+        check_pretrained_weights(cfg.model)
         check_dataset(cfg, ['train_dataloader'] +
                       (['val_dataloader', 'val_evaluator'] if validates else []))
         prepare_resume(cfg)  # the checkpoint's seed, before the dataloaders are built
-    except (DatasetError, ResumeError) as err:
+    except (DatasetError, PretrainedNotFoundError, ResumeError) as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = build_runner(cfg, args.config)
