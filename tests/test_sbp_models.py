@@ -354,6 +354,8 @@ def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
     (dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)'),
     (dict(sampling='random'), "FPNSBP: sbp.sampling='random' disagrees with the backbone"),
     (dict(keep_ratio=0.5, sampling='grid', grad_scale='inverse_keep'), None),
+    (dict(own_mask=True, convs=('lateral',)), None),  # every FPNSBP key is known
+    (dict(convs=('lateral',), top_down=True), "FPNSBP: unknown key(s) ['top_down']"),
     (dict(keep_ratio=2.0), 'sbp.keep_ratio must be in (0, 1]'),
 ])
 def test_neck_disagreeing_with_the_backbone_is_reported_from_the_config(neck_sbp, error):

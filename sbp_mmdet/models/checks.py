@@ -2,6 +2,7 @@
 from typing import Any, Mapping, Optional
 
 from ..sbp import SBPConfig
+from .necks import FPNSBP
 
 # The settings of an FPNSBP behind a ResNetSBP that must equal the backbone's:
 # the neck uses the backbone's mask.
@@ -45,7 +46,7 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     try:
         backbone_sbp, _ = SBPConfig.from_dict(backbone.get('sbp'), ('stages', 'blocks'),
                                               'ResNetSBP')
-        SBPConfig.from_dict(neck_sbp, ('own_mask',), 'FPNSBP')
+        SBPConfig.from_dict(neck_sbp, FPNSBP.sbp_extra_keys, 'FPNSBP')
     except (KeyError, TypeError, ValueError) as err:  # what building the modules would raise
         return str(err.args[0])
     for key in SHARED_KEYS:

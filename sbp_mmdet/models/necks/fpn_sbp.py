@@ -41,9 +41,11 @@ class FPNSBP(SBPModuleMixin, FPN):
         **kwargs: the arguments of ``mmdet.models.FPN``.
     """
 
+    sbp_extra_keys = ('own_mask', 'convs')
+
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        extra = self.init_sbp(sbp, ('own_mask', 'convs'))
+        extra = self.init_sbp(sbp, self.sbp_extra_keys)
         self.own_mask = bool(extra.get('own_mask', False))
         self.sbp_conv_groups = self._conv_groups(extra.get('convs', tuple(CONV_GROUPS)))
         for kind in self.sbp_conv_groups:
