@@ -154,6 +154,11 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
     assert [r['variant'] for r in result['summary']] == ['dense', 'sbp@0.5:random']
     assert all(0.0 <= r['bbox_mAP'] <= 1.0 for r in result['runs'])  # COCOeval's figure
     assert result['summary'][0]['mAP_points_vs_dense'] == 0.0
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO,
+                          capture_output=True, text=True).stdout.strip()
+    head = head or 'unknown'  # a checkout without git history
+    assert all(r['commit'].split('+')[0] == head for r in result['runs'])  # which code ran
+    assert result['commit'].split('+')[0] == head
 
     # --reuse takes finished runs from their work dirs instead of training them again
     work_files = sorted((tmp_path / 'work').rglob('*.pth'))

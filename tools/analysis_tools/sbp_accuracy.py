@@ -86,6 +86,14 @@ def variant_options(name: str) -> List[str]:
     return opts
 
 
+def git_commit() -> str:
+    """The repository's commit, with ``+dirty`` when tracked files have changes."""
+    def git(*args):
+        return subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True).stdout
+    commit = git('rev-parse', '--short', 'HEAD').strip() or 'unknown'
+    return commit + ('+dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
+
+
 def run(cmd: List[str], log_file: str) -> None:
     """Run ``cmd`` in the repository with its whole output in ``log_file``."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
@@ -128,7 +136,8 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
     with open(metrics_file) as f:
         metrics = json.load(f)
     result = dict(variant=variant, seed=seed, bbox_mAP=metrics['coco/bbox_mAP'],
-                  bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s, options=opts)
+                  bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s, options=opts,
+                  commit=git_commit())
     with open(result_file, 'w') as f:
         json.dump(result, f, indent=2)
     return result
@@ -176,10 +185,12 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, 'accuracy.json'), 'w') as f:
         json.dump(dict(config=args.config, seeds=args.seeds, iters=args.iters, runs=runs,
-                       summary=rows, date=time.strftime('%Y-%m-%d')), f, indent=2)
+                       summary=rows, date=time.strftime('%Y-%m-%d'), commit=git_commit()),
+                  f, indent=2)
     with open(os.path.join(args.out_dir, 'accuracy.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in runs[0] if k != 'options'],
-                                extrasaction='ignore')
+        writer = csv.DictWriter(f, fieldnames=['variant', 'seed', 'bbox_mAP', 'bbox_mAP_50',
+                                               'train_s', 'commit'],
+                                extrasaction='ignore', restval='')
         writer.writeheader()
         writer.writerows(runs)
     with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
