@@ -163,6 +163,7 @@ def test_state_dicts_are_interchangeable():
     (dict(sbp=dict(stages=[True, True, True, False]), frozen_stages=1),
      r'frozen stage\(s\) \[0\]'),
     (dict(sbp=dict(keep_ratio=0.5, downsampling=True)), 'downsampling'),
+    (dict(sbp=dict(downsample='yes')), 'sbp.downsample must be True or False'),
 ])
 def test_bad_configs_are_refused_clearly(kwargs, error):
     with pytest.raises((KeyError, TypeError, ValueError), match=error):
@@ -245,3 +246,14 @@ def test_config_builds_with_sbp_in_the_early_stages():
     model = MODELS.build(cfg.model)
     assert isinstance(model.backbone, ConvNeXtSBP) and isinstance(model.neck, FPNSBP)
     assert model.backbone.sbp_blocks == [[True] * 3, [True] * 3, [True] * 9, [False] * 3]
+
+
+def test_neck_disagreeing_with_convnext_is_reported_from_the_config():
+    from sbp_mmdet.models import sbp_model_problem
+    cfg = Config.fromfile('configs/mask_rcnn_convnext_t_sbp.py').model
+    assert sbp_model_problem(cfg) is None
+    cfg.neck.sbp = dict(keep_ratio=0.25)
+    assert 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)' in \
+        sbp_model_problem(cfg)
+    cfg.backbone.sbp.downsampling = False
+    assert 'ConvNeXtSBP: unknown key' in sbp_model_problem(cfg)

@@ -116,7 +116,8 @@ class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
     SBP unit (7x7 depthwise conv, then the row-local LayerNorm, MLP, layer
     scale, DropPath and residual add), and so are the output norms
     ``norm{i}`` of SBP stages. SBP is off in eval mode and under
-    ``torch.no_grad()``.
+    ``torch.no_grad()``. The modules keep their classes' parameters and
+    ``state_dict`` keys; only their class is swapped for an SBP subclass.
 
     Args:
         sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
@@ -126,16 +127,20 @@ class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
             every stage but the last, skipping frozen stages, the paper's
             practice), and ``downsample`` (bool): also run the stem and the
             downsampling layers (LayerNorm + 2x2 stride-2 conv) in front of an
-            SBP stage with SBP. Default True: they store two full maps each
-            when dense (the norm's input and the conv's input); measured on
-            Mask R-CNN ConvNeXt-T, 2 x 800x1344, keep 0.5, see README.
+            SBP stage with SBP. Default True: dense, each stores full maps
+            (its conv's and its norm's inputs); with SBP, only their kept
+            rows (their 4x4/2x2 convs, stride = kernel, have no halo). On Mask
+            R-CNN ConvNeXt-T (2 x 800x1344, keep 0.5, fp32) the backbone
+            stores 823 MiB for backward instead of 1008 with them dense
+            (README, "ConvNeXt").
         **kwargs: the arguments of ``mmpretrain.models.ConvNeXt``;
             ``gap_before_final_norm`` must be False (feature maps, as in
             mmdet's ConvNeXt configs) and ``use_grn`` False (GRN is not
             row-local) where SBP is on.
 
     Raises:
-        ValueError: for ``gap_before_final_norm=True``, bad ``sbp`` keys.
+        ValueError: for ``gap_before_final_norm=True`` or a bad ``sbp`` value.
+        KeyError: for an unknown ``sbp`` key.
         TypeError: for blocks SBP cannot run (GRN), naming the block.
     """
 
@@ -149,7 +154,10 @@ class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
         self.stage_strides = [stem_stride * 2**i for i in range(self.num_stages)]
         self.sbp_blocks = stage_switches(self.sbp_name, self.depths, self.frozen_stages,
                                          extra.get('stages'), extra.get('blocks'))
-        self.sbp_downsample = bool(extra.get('downsample', True))
+        self.sbp_downsample = extra.get('downsample', True)
+        if not isinstance(self.sbp_downsample, bool):
+            raise ValueError(f'{self.sbp_name}: sbp.downsample must be True or False, '
+                             f'got {self.sbp_downsample!r}')
         self._make_sbp_layers()
         self.sbp_layer_inputs = self._sbp_layer_inputs()
         for layer, _ in self.sbp_layer_inputs:  # fail at build time, naming the layer
