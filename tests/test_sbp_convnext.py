@@ -1,4 +1,6 @@
 """ConvNeXtSBP: drop-in for mmpretrain's ConvNeXt, exact forward, reference gradients."""
+import math
+
 import pytest
 import torch
 from mmengine.config import Config
@@ -9,8 +11,10 @@ from sbp_mmdet.models import FPNSBP, ConvNeXtSBP
 from sbp_mmdet.models.backbones.mmpretrain_convnext import ConvNeXt
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
+from conftest import REPO, TINY_DATA_CFG
 from sbp_reference import masking_hooks
 
+CONFIG = str(REPO / 'configs' / 'mask_rcnn_convnext_t_sbp.py')
 TINY_ARCH = {'depths': [1, 1, 2, 1], 'channels': [8, 16, 24, 32]}
 
 
@@ -193,7 +197,7 @@ def test_downsample_layers_in_sbp_save_memory():
 def mask_rcnn_cfg(sbp: bool) -> dict:
     """configs/mask_rcnn_convnext_t_sbp.py (mmdet's Mask R-CNN ConvNeXt-T with the
     backbone and neck types swapped), narrowed; without SBP, mmdet's types."""
-    cfg = Config.fromfile('configs/mask_rcnn_convnext_t_sbp.py').model
+    cfg = Config.fromfile(CONFIG).model
     cfg = Variant.parse('sbp@0.5' if sbp else 'dense').apply(cfg)
     cfg.backbone.update(arch=dict(TINY_ARCH))
     cfg.neck.update(in_channels=TINY_ARCH['channels'], out_channels=16)
@@ -241,7 +245,7 @@ def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense():
 
 def test_config_builds_with_sbp_in_the_early_stages():
     from mmdet.registry import MODELS
-    cfg = Config.fromfile('configs/mask_rcnn_convnext_t_sbp.py')
+    cfg = Config.fromfile(CONFIG)
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     assert isinstance(model.backbone, ConvNeXtSBP) and isinstance(model.neck, FPNSBP)
@@ -250,10 +254,33 @@ def test_config_builds_with_sbp_in_the_early_stages():
 
 def test_neck_disagreeing_with_convnext_is_reported_from_the_config():
     from sbp_mmdet.models import sbp_model_problem
-    cfg = Config.fromfile('configs/mask_rcnn_convnext_t_sbp.py').model
+    cfg = Config.fromfile(CONFIG).model
     assert sbp_model_problem(cfg) is None
     cfg.neck.sbp = dict(keep_ratio=0.25)
     assert 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)' in \
         sbp_model_problem(cfg)
     cfg.backbone.sbp.downsampling = False
     assert 'ConvNeXtSBP: unknown key' in sbp_model_problem(cfg)
+
+
+def test_config_trains_one_iteration_on_the_synthetic_set(workspace, tmp_path, monkeypatch):
+    """configs/mask_rcnn_convnext_t_sbp.py (ConvNeXt-T, mmdet's layer-wise lr decay) on
+    the tiny synthetic set, boxes only: the synthetic set has no instance masks."""
+    from mmengine.runner import Runner
+    monkeypatch.chdir(workspace)
+    cfg = Config.fromfile(CONFIG)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.roi_head.update(mask_roi_extractor=None, mask_head=None,
+                              bbox_head=dict(num_classes=4))
+    cfg.train_dataloader = TINY_DATA_CFG.train_dataloader
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=1)
+    cfg.optim_wrapper.type = 'OptimWrapper'  # mmdet's config trains with CUDA AMP
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
+    cfg.update(work_dir=str(tmp_path), val_cfg=None, val_dataloader=None, val_evaluator=None,
+               test_cfg=None, test_dataloader=None, test_evaluator=None)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 1
+    assert runner.model.backbone.sbp_iteration.keep_ratio == 0.5
+    assert math.isfinite(runner.message_hub.get_scalar('train/loss').current())
