@@ -1,5 +1,6 @@
 """ConvNeXtSBP: drop-in for mmpretrain's ConvNeXt, exact forward, reference gradients."""
 import math
+import pickle
 
 import pytest
 import torch
@@ -157,6 +158,13 @@ def test_state_dicts_are_interchangeable():
     model.load_state_dict(other.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  other.state_dict().values()))
+
+
+def test_models_pickle_and_still_train_with_sbp():
+    model, dense = convnext_pair(dict(keep_ratio=0.5))
+    restored = pickle.loads(pickle.dumps(model))
+    restored.train()
+    assert_matches_reference(restored, dense, torch.rand(2, 3, 64, 64))
 
 
 @pytest.mark.parametrize('kwargs, error', [

@@ -97,10 +97,12 @@ _OUT_NORM_CLASSES: Dict[type, type] = {}
 
 
 def _sbp_out_norm_class(norm_class: type) -> type:
-    """``norm_class`` made an SBP layer (one class per norm class)."""
+    """``norm_class`` made an SBP layer (one class per norm class, kept in this
+    module's namespace so that models pickle)."""
     if norm_class not in _OUT_NORM_CLASSES:
-        _OUT_NORM_CLASSES[norm_class] = type(f'SBP{norm_class.__name__}',
-                                             (_SBPOutNorm, norm_class), {})
+        name = f'SBPOutNorm_{norm_class.__name__}'
+        sbp_class = type(name, (_SBPOutNorm, norm_class), {'__module__': __name__})
+        globals()[name] = _OUT_NORM_CLASSES[norm_class] = sbp_class
     return _OUT_NORM_CLASSES[norm_class]
 
 
