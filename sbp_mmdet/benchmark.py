@@ -13,7 +13,7 @@ from .amp import cpu_autocast_fallbacks
 from .sbp import SavedTensorMeter
 
 SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN', 'RPNHeadSBP': 'RPNHead',
-             'RetinaHeadSBP': 'RetinaHead'}
+             'RetinaHeadSBP': 'RetinaHead', 'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,14 @@ class Measurement:
 
 def detector_batch(model, batch_size: int, height: int, width: int, num_classes: int,
                    seed: int = 0) -> dict:
-    """A preprocessed synthetic batch (random images and boxes) for ``model``."""
+    """A preprocessed synthetic batch (random images and boxes, and instance
+    masks for a model with a mask head) for ``model``."""
     from mmdet.testing import demo_mm_inputs
     torch.manual_seed(seed)
+    with_mask = getattr(getattr(model, 'roi_head', None), 'with_mask', False)
     packed = demo_mm_inputs(batch_size=batch_size, image_shapes=[(3, height, width)] * batch_size,
-                            num_items=[8] * batch_size, num_classes=num_classes)
+                            num_items=[8] * batch_size, num_classes=num_classes,
+                            with_mask=with_mask)
     return model.data_preprocessor(packed, True)
 
 

@@ -4,9 +4,12 @@ from typing import Any, Mapping, Optional
 from ..sbp import SBPConfig
 from .necks import FPNSBP
 
-# The settings of an FPNSBP behind a ResNetSBP that must equal the backbone's:
+# The settings of an FPNSBP behind an SBP backbone that must equal the backbone's:
 # the neck uses the backbone's mask.
 SHARED_KEYS = ('keep_ratio', 'sampling')
+# SBP backbones and their own sbp keys
+BACKBONE_KEYS = {'ResNetSBP': ('stages', 'blocks'),
+                 'ConvNeXtSBP': ('stages', 'blocks', 'downsample')}
 
 
 def _is(module_cfg: Any, name: str) -> bool:
@@ -26,7 +29,7 @@ def neck_disagreement(key: str, neck_value: Any, backbone_value: Any) -> str:
 def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     """What in a detector config makes its SBP backbone and neck disagree.
 
-    An ``FPNSBP`` neck behind a ``ResNetSBP`` backbone uses the backbone's
+    An ``FPNSBP`` neck behind an SBP backbone (``BACKBONE_KEYS``) uses the backbone's
     mask, so a ``keep_ratio`` or ``sampling`` given in the neck's ``sbp`` must
     equal the backbone's (defaults applied). Without this check the
     disagreement surfaces at the first training forward. Bad ``sbp`` settings
@@ -37,15 +40,15 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
 
     Returns:
         str, optional: the problem, None when there is none (or the detector
-        has no ``ResNetSBP`` + ``FPNSBP`` pair).
+        has no SBP backbone + ``FPNSBP`` pair).
     """
     backbone, neck = model_cfg.get('backbone'), model_cfg.get('neck')
-    if not (_is(backbone, 'ResNetSBP') and _is(neck, 'FPNSBP')):
+    name = next((name for name in BACKBONE_KEYS if _is(backbone, name)), None)
+    if name is None or not _is(neck, 'FPNSBP'):
         return None
     neck_sbp = neck.get('sbp') or {}
     try:
-        backbone_sbp, _ = SBPConfig.from_dict(backbone.get('sbp'), ('stages', 'blocks'),
-                                              'ResNetSBP')
+        backbone_sbp, _ = SBPConfig.from_dict(backbone.get('sbp'), BACKBONE_KEYS[name], name)
         SBPConfig.from_dict(neck_sbp, FPNSBP.sbp_extra_keys, 'FPNSBP')
     except (KeyError, TypeError, ValueError) as err:  # what building the modules would raise
         return str(err.args[0])

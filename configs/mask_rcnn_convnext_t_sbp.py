@@ -1,0 +1,14 @@
+# Mask R-CNN ConvNeXt-T FPN 3x COCO (mmdet's AMP, multi-scale crop config) with Stochastic
+# Backpropagation in the backbone (stages 1-3, their stem/downsampling layers and output
+# norms; stage 4 stays dense) and the neck.
+_base_ = 'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py'
+
+# sbp_mmdet loads mmpretrain's ConvNeXt itself (and registers ConvNeXtSBP)
+custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(type='ConvNeXtSBP', sbp=dict(keep_ratio=0.5, sampling='grid')),
+    neck=dict(type='FPNSBP'))
+# Keep-ratio schedules, SBP logging and exact --resume (see faster_rcnn_r50_sbp.py).
+custom_hooks = [dict(type='SBPHook')]
+train_dataloader = dict(persistent_workers=False)
