@@ -1,8 +1,8 @@
-from .backbones import ResNetSBP
+from .backbones import RegNetSBP, Res2NetSBP, ResNetSBP, ResNetV1dSBP, ResNeXtSBP
 from .checks import sbp_model_problem
 from .dense_heads import RetinaHeadSBP, RPNHeadSBP
 from .layers import SBPConvModule
 from .necks import FPNSBP
 
-__all__ = ['ResNetSBP', 'FPNSBP', 'RPNHeadSBP', 'RetinaHeadSBP', 'SBPConvModule',
-           'sbp_model_problem']
+__all__ = ['ResNetSBP', 'ResNetV1dSBP', 'ResNeXtSBP', 'RegNetSBP', 'Res2NetSBP', 'FPNSBP',
+           'RPNHeadSBP', 'RetinaHeadSBP', 'SBPConvModule', 'sbp_model_problem']

@@ -1,3 +1,7 @@
-from .resnet_sbp import ResNetSBP, SBPBasicBlock, SBPBottleneck
+from .res2net_sbp import Res2NetSBP, SBPBottle2neck
+from .resnet_sbp import (SBP_BLOCKS, ResNetSBP, ResNetV1dSBP, SBPBasicBlock, SBPBottleneck,
+                         SBPResNetMixin)
+from .resnext_sbp import RegNetSBP, ResNeXtSBP, SBPResNeXtBottleneck
 
-__all__ = ['ResNetSBP', 'SBPBasicBlock', 'SBPBottleneck']
+__all__ = ['ResNetSBP', 'ResNetV1dSBP', 'ResNeXtSBP', 'RegNetSBP', 'Res2NetSBP', 'SBPResNetMixin',
+           'SBP_BLOCKS', 'SBPBasicBlock', 'SBPBottleneck', 'SBPResNeXtBottleneck', 'SBPBottle2neck']
