@@ -6,6 +6,8 @@ mode, and swaps into mmdet's stock configs; what has no SBP version is refused
 with an error naming it.
 """
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from mmdet.models.backbones import RegNet, Res2Net, ResNet, ResNetV1d, ResNeXt
 from mmdet.models.backbones.resnet import Bottleneck
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
+from mmengine.config import Config
 from mmengine.hub import get_config
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -23,6 +26,7 @@ from sbp_mmdet.models import (FPNSBP, RegNetSBP, Res2NetSBP, ResNetSBP, ResNetV1
 from sbp_mmdet.sbp import (BatchNorm, IdentityMix, PoolMix, RowLocal, SBPIteration, SBPProgram,
                            Unit, conv_unit)
 
+from conftest import REPO, TINY_DATA_CFG
 from sbp_reference import masking_hooks, reference_program
 from test_sbp_models import (assert_grad_close, assert_grads_match, build_detector, enabled_blocks,
                              total_loss)
@@ -66,10 +70,13 @@ def backbone_pair(name, **kwargs):
 
 
 @pytest.mark.parametrize('name', list(BACKBONES))
-@pytest.mark.parametrize('size', [(64, 96), (61, 45), (35, 27)])
-def test_forward_is_bitwise_the_mmdet_class_and_gradients_equal_the_reference(name, size):
+@pytest.mark.parametrize('size,recompute', [((64, 96), False), ((61, 45), False),
+                                            ((35, 27), False), ((61, 45), True)])
+def test_forward_is_bitwise_the_mmdet_class_and_gradients_equal_the_reference(
+        name, size, recompute):
     sbp, dense = backbone_pair(name, frozen_stages=-1, norm_eval=False,
-                               sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0)))
+                               sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0),
+                                        recompute=recompute))
     assert sbp.sbp_active()
     x = torch.rand(2, 3, *size)
     outs = sbp(x)
@@ -250,14 +257,39 @@ def test_swapping_the_backbone_of_stock_configs_trains_with_the_dense_loss(name)
     assert not math.isnan(loss.item())
 
 
-@pytest.mark.parametrize('config,head', [('configs/faster_rcnn_x101_32x4d_sbp.py', 'rpn_head'),
-                                         ('configs/retinanet_x101_32x4d_sbp.py', 'bbox_head')])
-def test_x101_configs_build_the_stock_model_with_sbp_backbone_and_neck(config, head):
-    from mmengine.config import Config
-    cfg = Config.fromfile(config)
+@pytest.mark.parametrize('config,backbone,head', [
+    ('faster_rcnn_x101_32x4d_sbp.py', ResNeXtSBP, 'RPNHead'),
+    ('retinanet_x101_32x4d_sbp.py', ResNeXtSBP, 'RetinaHead'),
+    ('faster_rcnn_regnetx_3.2gf_sbp.py', RegNetSBP, 'RPNHead'),
+])
+def test_configs_build_the_stock_model_with_sbp_backbone_and_neck(config, backbone, head):
+    cfg = Config.fromfile(str(REPO / 'configs' / config))
     assert cfg.custom_hooks == [dict(type='SBPHook')] and sbp_model_problem(cfg.model) is None
     model = MODELS.build(cfg.model)
-    assert isinstance(model.backbone, ResNeXtSBP) and isinstance(model.neck, FPNSBP)
-    assert (model.backbone.groups, model.backbone.base_width) == (32, 4)
-    assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
-    assert type(getattr(model, head)).__name__ in ('RPNHead', 'RetinaHead')
+    assert type(model.backbone) is backbone and isinstance(model.neck, FPNSBP)
+    assert model.backbone.sbp_blocks[1] == [True] * len(model.backbone.sbp_blocks[1])
+    assert not any(model.backbone.sbp_blocks[0]) and not any(model.backbone.sbp_blocks[3])
+    heads = [type(getattr(model, name, None)).__name__ for name in ('rpn_head', 'bbox_head')]
+    assert head in heads
+
+
+@pytest.mark.slow
+def test_x101_config_trains_one_iteration_on_the_synthetic_set(workspace, tmp_path):
+    """tools/train.py on configs/faster_rcnn_x101_32x4d_sbp.py (the full-width X101,
+    random init) with the tiny synthetic data, loop and logging of the tests' config."""
+    cfg = Config.fromfile(str(REPO / 'configs' / 'faster_rcnn_x101_32x4d_sbp.py'))
+    for key in ('train_dataloader', 'param_scheduler', 'default_hooks', 'log_processor'):
+        cfg[key] = TINY_DATA_CFG[key]
+    cfg.train_cfg = dict(TINY_DATA_CFG.train_cfg, max_iters=1, val_interval=10)
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
+    cfg.model.backbone.init_cfg = None
+    cfg.model.roi_head.bbox_head.num_classes = TINY_DATA_CFG.model.roi_head.bbox_head.num_classes
+    config = tmp_path / 'x101_tiny.py'
+    cfg.dump(str(config))
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), str(config),
+                           '--work-dir', str(tmp_path / 'work')], cwd=workspace,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / 'work' / 'iter_1.pth').exists()
+    assert 'sbp/keep_ratio: 0.5' in proc.stdout + proc.stderr  # SBPHook logged the SBP step
