@@ -29,7 +29,12 @@ def is_sbp_backbone(module_type: Any) -> bool:
     from mmdet.registry import MODELS
 
     from ..sbp import SBPModuleMixin
-    cls = module_type if isinstance(module_type, type) else MODELS.get(module_type or '')
+    if type_name(module_type) in SBP_BACKBONES.values():
+        return True
+    try:
+        cls = module_type if isinstance(module_type, type) else MODELS.get(module_type or '')
+    except ImportError:  # a scope whose package fails to import: not one of ours
+        return False
     return isinstance(cls, type) and issubclass(cls, SBPModuleMixin)
 
 

@@ -6,10 +6,10 @@ from mmdet.models.backbones.res2net import Bottle2neck
 from mmdet.registry import MODELS
 
 from ...sbp import Add, ChannelSlice, Concat, IdentityMix, PoolMix, SBPProgram, Unit, conv_unit
-from .resnet_sbp import SBP_BLOCKS, SBPResNetMixin, _check_block, _downsample_unit, _SBPBlockMixin
+from .resnet_sbp import SBP_BLOCKS, SBPBlockMixin, SBPResNetMixin, check_block, shortcut_units
 
 
-class SBPBottle2neck(_SBPBlockMixin, Bottle2neck):
+class SBPBottle2neck(SBPBlockMixin, Bottle2neck):
     """Res2Net's ``Bottle2neck`` that runs as an SBP program while ``sbp_state``
     is set.
 
@@ -22,7 +22,7 @@ class SBPBottle2neck(_SBPBlockMixin, Bottle2neck):
 
     def sbp_program(self) -> SBPProgram:
         where = getattr(self, 'sbp_where', type(self).__name__)
-        _check_block(self, where)
+        check_block(self, where)
         units = [conv_unit('conv1', 'input', self.conv1, self.norm1, relu_after=True,
                            where=f'{where}.conv1')]
         for i, (conv, norm) in enumerate(zip(self.convs, self.bns)):
@@ -41,7 +41,7 @@ class SBPBottle2neck(_SBPBlockMixin, Bottle2neck):
             last_name = 'pool'
         parts: List[str] = [f'convs.{i}' for i in range(1, last)] + [last_name]
         units.append(Unit('cat', 'convs.0', IdentityMix(), tuple(Concat(p) for p in parts)))
-        shortcut, residual = _downsample_unit(self, where)
+        shortcut, residual = shortcut_units(self, where)
         units += shortcut + [conv_unit('conv3', 'cat', self.conv3, self.norm3, relu_after=True,
                                        residual=residual, where=f'{where}.conv3')]
         return SBPProgram(units)

@@ -11,7 +11,7 @@ from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPFeatures, SBPModuleMixin, S
 from ...sbp.module import stage_layers, stage_switches
 
 
-def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
+def shortcut_units(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
     """The shortcut of ``block`` as units, and the name the residual add reads.
 
     A conv + norm shortcut is a conv unit; ``avg_down``'s AvgPool2d + 1x1 conv
@@ -33,23 +33,28 @@ def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[Unit], st
                     f'shortcut, got {[type(m).__name__ for m in layers]}')
 
 
-def _check_block(block: nn.Module, where: str) -> None:
+def check_block(block: nn.Module, where: str) -> None:
+    """Refuse what SBP blocks cannot run (DCN, plugins), naming ``where``."""
     if getattr(block, 'with_dcn', False):
         raise TypeError(f'{where}: SBP does not support DCN blocks; disable SBP for this stage')
     if getattr(block, 'with_plugins', False):
         raise TypeError(f'{where}: SBP does not support block plugins; disable SBP for this stage')
 
 
-class _SBPBlockMixin:
-    """Runs a residual block as an SBP program while ``sbp_state`` is set."""
+class SBPBlockMixin:
+    """Runs a residual block as an SBP program while ``sbp_state`` is set.
+
+    A chain of conv + norm layers declares them in ``_main_layers``; a block
+    with another graph overrides ``sbp_program`` (``SBPBottle2neck``).
+    """
 
     sbp_state: Optional[SBPState] = None
 
     def sbp_program(self) -> SBPProgram:
         """The block as an SBP program (``sbp_where`` names the block in errors)."""
         where = getattr(self, 'sbp_where', type(self).__name__)
-        _check_block(self, where)
-        shortcut, residual = _downsample_unit(self, where)
+        check_block(self, where)
+        shortcut, residual = shortcut_units(self, where)
         *body, (name, source, conv, norm) = self._main_layers()
         units = [conv_unit(n, s, c, b, relu_after=True, where=f'{where}.{n}')
                  for n, s, c, b in body]
@@ -67,7 +72,7 @@ class _SBPBlockMixin:
         return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
 
 
-class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
+class SBPBasicBlock(SBPBlockMixin, BasicBlock):
     """``BasicBlock`` that runs as an SBP program while ``sbp_state`` is set."""
 
     def _main_layers(self) -> List[tuple]:
@@ -75,7 +80,7 @@ class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
                 ('conv2', 'conv1', self.conv2, self.norm2)]
 
 
-class SBPBottleneck(_SBPBlockMixin, Bottleneck):
+class SBPBottleneck(SBPBlockMixin, Bottleneck):
     """``Bottleneck`` that runs as an SBP program while ``sbp_state`` is set."""
 
     def _main_layers(self) -> List[tuple]:
@@ -120,7 +125,7 @@ class SBPResNetMixin(SBPModuleMixin):
         self.sbp_base_stride = max(sbp_strides, default=self.stem_stride)
 
     def _check_sbp_block(self, block: nn.Module) -> None:
-        if not isinstance(block, _SBPBlockMixin):
+        if not isinstance(block, SBPBlockMixin):
             supported = ', '.join(f'{b.__module__}.{b.__name__}' for b in SBP_BLOCKS)
             raise TypeError(
                 f'{block.sbp_where}: block class {type(block).__module__}.'
