@@ -177,6 +177,19 @@ def test_sbp_asked_of_a_dense_backbone_names_it_and_the_supported_ones():
         neck((torch.rand(1, 8, 8, 8), torch.rand(1, 16, 4, 4)))
 
 
+def test_train_refuses_sbp_on_a_dense_backbone_before_the_runner(tmp_path):
+    """The dense demo config with an ``sbp`` key on its ``ResNet``: mmdet would raise a
+    bare ``unexpected keyword argument 'sbp'``; tools/train.py names the SBP type."""
+    dense_tiny = str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_synthetic-tiny.py')
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), dense_tiny,
+                           '--cfg-options', 'model.backbone.sbp.keep_ratio=0.5'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert ("backbone ResNet: the config gives it an sbp key, but use type='ResNetSBP'"
+            in proc.stderr)
+    assert not (tmp_path / 'work_dirs').exists()
+
+
 STOCK_CONFIGS = {  # stock config, the backbone type to swap in (and its dense type)
     'r101': ('faster_rcnn/faster-rcnn_r101_fpn_1x_coco.py', 'ResNet'),
     'x101': ('faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py', 'ResNeXt'),
