@@ -10,10 +10,13 @@ import torch
 from mmengine.config import Config
 
 from .amp import cpu_autocast_fallbacks
+from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 
-SBP_TYPES = {'ResNetSBP': 'ResNet', 'FPNSBP': 'FPN', 'RPNHeadSBP': 'RPNHead',
-             'RetinaHeadSBP': 'RetinaHead', 'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}
+# SBP module type -> its dense type (the dense variant of a benchmark).
+SBP_TYPES = {**{sbp: dense for dense, sbp in SBP_BACKBONES.items()}, 'FPNSBP': 'FPN',
+             'RPNHeadSBP': 'RPNHead', 'RetinaHeadSBP': 'RetinaHead',
+             'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}  # mmdet configs name it with its scope
 
 
 @dataclass(frozen=True)

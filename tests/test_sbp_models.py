@@ -159,7 +159,6 @@ def test_default_stages_follow_the_paper_and_skip_frozen_stages():
     (dict(sbp=dict(keep_ratio=0)), 'keep_ratio must be in'),
     (dict(sbp=dict(sampling='diag')), 'sampling must be one of'),
     (dict(sbp=dict(keep_rate=0.5)), "unknown key\\(s\\) \\['keep_rate'\\]"),
-    (dict(avg_down=True), 'layer1.0: .*avg_down=True'),
     (dict(norm_cfg=dict(type='GN', num_groups=8)),
      'layer1.0.downsample: SBP supports BatchNorm .*got GroupNorm'),
     (dict(dcn=dict(type='DCN', deform_groups=1), stage_with_dcn=(False, True, False, False)),

@@ -1,8 +1,9 @@
-from .backbones import ConvNeXtSBP, ResNetSBP
+from .backbones import ConvNeXtSBP, RegNetSBP, Res2NetSBP, ResNetSBP, ResNetV1dSBP, ResNeXtSBP
 from .checks import sbp_model_problem
 from .dense_heads import RetinaHeadSBP, RPNHeadSBP
 from .layers import SBPConvModule
 from .necks import FPNSBP
 
-__all__ = ['ResNetSBP', 'ConvNeXtSBP', 'FPNSBP', 'RPNHeadSBP', 'RetinaHeadSBP', 'SBPConvModule',
-           'sbp_model_problem']
+__all__ = ['ResNetSBP', 'ResNetV1dSBP', 'ResNeXtSBP', 'RegNetSBP', 'Res2NetSBP',
+           'ConvNeXtSBP', 'FPNSBP',
+           'RPNHeadSBP', 'RetinaHeadSBP', 'SBPConvModule', 'sbp_model_problem']

@@ -3,6 +3,7 @@ from typing import Any, Mapping, Optional
 
 from ..sbp import SBPConfig
 from .necks import FPNSBP
+from .sbp_types import SBP_BACKBONES, is_sbp_backbone, no_sbp_backbone_message, type_name
 
 # The settings of an FPNSBP behind an SBP backbone that must equal the backbone's:
 # the neck uses the backbone's mask.
@@ -14,9 +15,7 @@ BACKBONE_KEYS = {'ResNetSBP': ('stages', 'blocks'),
 
 def _is(module_cfg: Any, name: str) -> bool:
     module_type = module_cfg.get('type') if isinstance(module_cfg, Mapping) else None
-    if isinstance(module_type, type):
-        module_type = module_type.__name__
-    return isinstance(module_type, str) and module_type.split('.')[-1] == name
+    return type_name(module_type) == name
 
 
 def neck_disagreement(key: str, neck_value: Any, backbone_value: Any) -> str:
@@ -29,7 +28,11 @@ def neck_disagreement(key: str, neck_value: Any, backbone_value: Any) -> str:
 def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     """What in a detector config makes its SBP backbone and neck disagree.
 
-    An ``FPNSBP`` neck behind an SBP backbone (``BACKBONE_KEYS``) uses the backbone's
+    Also refused: an ``sbp`` key on a backbone that is not an SBP module, and
+    an ``FPNSBP`` (without ``sbp.own_mask``) behind such a backbone; the
+    message names the backbone and lists the SBP backbones.
+
+    An ``FPNSBP`` neck behind an SBP backbone (``ResNetSBP`` etc.) uses the backbone's
     mask, so a ``keep_ratio`` or ``sampling`` given in the neck's ``sbp`` must
     equal the backbone's (defaults applied). Without this check the
     disagreement surfaces at the first training forward. Bad ``sbp`` settings
@@ -43,16 +46,33 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
         has no SBP backbone + ``FPNSBP`` pair).
     """
     backbone, neck = model_cfg.get('backbone'), model_cfg.get('neck')
-    name = next((name for name in BACKBONE_KEYS if _is(backbone, name)), None)
-    if name is None or not _is(neck, 'FPNSBP'):
-        return None
+    problem = _dense_backbone_problem(backbone, neck)
+    backbone_name = type_name(backbone.get('type')) if isinstance(backbone, Mapping) else None
+    if problem is not None or not (backbone_name in SBP_BACKBONES.values()
+                                   and _is(neck, 'FPNSBP')):
+        return problem
     neck_sbp = neck.get('sbp') or {}
     try:
-        backbone_sbp, _ = SBPConfig.from_dict(backbone.get('sbp'), BACKBONE_KEYS[name], name)
+        backbone_sbp, _ = SBPConfig.from_dict(
+            backbone.get('sbp'), BACKBONE_KEYS.get(backbone_name, ('stages', 'blocks')),
+            backbone_name)
         SBPConfig.from_dict(neck_sbp, FPNSBP.sbp_extra_keys, 'FPNSBP')
     except (KeyError, TypeError, ValueError) as err:  # what building the modules would raise
         return str(err.args[0])
     for key in SHARED_KEYS:
         if key in neck_sbp and neck_sbp[key] != getattr(backbone_sbp, key):
             return neck_disagreement(key, neck_sbp[key], getattr(backbone_sbp, key))
+    return None
+
+
+def _dense_backbone_problem(backbone: Any, neck: Any) -> Optional[str]:
+    """SBP asked of a backbone that is not an SBP module, if it is."""
+    if not isinstance(backbone, Mapping) or is_sbp_backbone(backbone.get('type')):
+        return None
+    if 'sbp' in backbone:
+        return no_sbp_backbone_message(backbone.get('type'), 'the config gives it an sbp key')
+    if _is(neck, 'FPNSBP') and not (neck.get('sbp') or {}).get('own_mask', False):
+        return no_sbp_backbone_message(
+            backbone.get('type'), 'the FPNSBP neck follows the mask of an SBP backbone (or '
+            'set its sbp.own_mask=True, or use FPN)')
     return None

@@ -5,9 +5,9 @@
   SBP stride, replicated to finer strides.
 - ``rows``: convolutions at a subset of output rows (bands with halos).
 - ``norm``: BatchNorm at packed rows with full-map statistics.
-- ``ops``: what a unit is made of: a row-mixing op (a conv, or none) and
-  a tail of row-local ops (norms, activations, 1x1 convs, adds, layer
-  scale, DropPath).
+- ``ops``: what a unit is made of: a row-mixing op (a conv, an average
+  pool, or none) and a tail of row-local ops (norms, activations, 1x1
+  convs, adds, channel slices and concatenations, layer scale, DropPath).
 - ``program``: SBP units and the autograd function that runs a block of them.
 - ``context``: ``SBPFeatures``, feature maps carrying the iteration's mask
   and their strides from one SBP module to the next.
@@ -21,12 +21,12 @@ from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
 from .module import SBPModuleMixin
 from .norm import BatchNorm
-from .ops import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, RowLocal, TailOp,
-                  relu)
+from .ops import (Add, ChannelsLast, ChannelSlice, Concat, ConvMix, DropPath, IdentityMix,
+                  LayerScale, PoolMix, RowLocal, TailOp, relu)
 from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
 
 __all__ = ['SBPConfig', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin', 'ConvMix',
-           'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast', 'LayerScale', 'Add',
-           'DropPath', 'relu']
+           'PoolMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
+           'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

@@ -3,15 +3,17 @@
 A unit is one *row-mixing* op followed by a *tail* of row-local ops:
 
 - the row-mixing op (``ConvMix``: any ``nn.Conv2d``, whatever its kernel,
-  stride, dilation or groups; ``IdentityMix``: none) says which input rows
+  stride, dilation or groups; ``PoolMix``: any ``nn.AvgPool2d``;
+  ``IdentityMix``: none) says which input rows
   its output rows read (its halo, ``reads``) and runs forward and backward on
   packed rows (``rows.py``);
 - a tail op maps row ``i`` of its input to row ``i`` of its output (norms over
   channels, activations, 1x1 convs and channel ``Linear`` layers, residual
-  adds, layer scale, DropPath). In backward the tail is re-run on the stored
-  rows under autograd, as ``torch.utils.checkpoint`` does, so a tail op only
-  says how it runs forward; what autograd cannot see (BatchNorm's statistics
-  over dropped rows) is a hand-written autograd function (``norm.py``).
+  adds, channel slices and concatenations, layer scale, DropPath). In
+  backward the tail is re-run on the stored rows under autograd, as
+  ``torch.utils.checkpoint`` does, so a tail op only says how it runs
+  forward; what autograd cannot see (BatchNorm's statistics over dropped
+  rows) is a hand-written autograd function (``norm.py``).
 
 A tail op has three methods: ``forward(x, other)`` runs it on the full map in
 the program's forward pass and returns its output and the state its re-run
@@ -26,8 +28,9 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
-from .rows import Packed, RowGeometry, conv_rows, conv_rows_backward
+from .rows import Packed, RowGeometry, conv_rows, conv_rows_backward, gather_rows
 
 ParamGrads = List[Optional[Tensor]]
 
@@ -72,6 +75,75 @@ class ConvMix:
                  need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
         grad_in, grad_w, grad_b = conv_rows_backward(self.conv, src, out_rows, grad, need_input)
         return grad_in, [grad_w, grad_b]
+
+
+class PoolMix:
+    """An ``nn.AvgPool2d`` as the row-mixing op of a unit (e.g. the
+    ``avg_down`` shortcut of ResNetV1d: pool, then a 1x1 conv in the tail).
+
+    Any kernel, stride, padding, ``ceil_mode`` and ``count_include_pad``.
+    Average pooling is linear, so its backward reads no input values: only the
+    pooled map is stored (at the kept rows the tail re-runs on). In backward,
+    and when recomputed, it runs on a zero-filled map of the input's size (a
+    transient tensor: pooling has no parameters and is cheap), so every
+    border rule of the pool holds as in the dense layer.
+
+    Args:
+        pool: a plain ``nn.AvgPool2d``.
+        where: the layer's name, for errors.
+    """
+
+    stores = True
+
+    def __init__(self, pool: nn.AvgPool2d, where: str = 'pool') -> None:
+        if type(pool) is not nn.AvgPool2d:
+            raise TypeError(f'{where}: PoolMix supports nn.AvgPool2d, got {type(pool).__name__}')
+        self.pool = pool
+        self.kernel, self.padding = _pair(pool.kernel_size), _pair(pool.padding)
+        self.stride = _pair(pool.stride or pool.kernel_size)
+        self.geometry = RowGeometry(self.kernel[0], self.stride[0], self.padding[0], 1)
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x)
+
+    reference = forward
+
+    def reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return self.geometry.input_rows(out_rows, in_height)
+
+    def backward_reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return out_rows[:0]  # linear: the gradient needs no input values
+
+    def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
+        return gather_rows(self.pool(src.take(torch.arange(src.height))), out_rows)
+
+    def backward(self, src: Packed, out_rows: Tensor, grad: Tensor,
+                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+        if not need_input:
+            return None, []
+        n, c, _, width = src.data.shape
+        out_height = _pool_size(src.height, self.kernel[0], self.stride[0], self.padding[0],
+                                self.pool.ceil_mode)
+        full = grad.new_zeros(n, c, out_height, grad.shape[3])
+        full[:, :, out_rows.to(grad.device)] = grad
+        grad_in = torch.ops.aten.avg_pool2d_backward(
+            full, grad.new_empty(n, c, src.height, width), list(self.kernel), list(self.stride),
+            list(self.padding), self.pool.ceil_mode, self.pool.count_include_pad,
+            self.pool.divisor_override)
+        in_rows = self.reads(out_rows, src.height)
+        return Packed(gather_rows(grad_in, in_rows), in_rows, src.height), []
+
+
+def _pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output size of a pooling layer along one axis (PyTorch's rule)."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the map or its left padding
+    return out
 
 
 class IdentityMix:
@@ -211,6 +283,35 @@ class Add(TailOp):
         return other + x
 
 
+class ChannelSlice(TailOp):
+    """Channels ``[start, start + width)`` of the map (a ``torch.split`` part,
+    e.g. one scale of a Res2Net block).
+
+    Args:
+        start: first channel. width: number of channels.
+    """
+
+    def __init__(self, start: int, width: int) -> None:
+        self.start, self.width = start, width
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return x[:, self.start:self.start + self.width]
+
+
+class Concat(TailOp):
+    """Appends the channels of the tensor ``name``: ``torch.cat((x, name), 1)``.
+
+    Args:
+        name: ``'input'`` or an earlier unit of the program.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.reads = name
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return torch.cat((x, other), 1)
+
+
 class DropPath(TailOp):
     """Stochastic depth with per-sample masks (mmcv's or timm's ``DropPath``).
 
@@ -255,4 +356,4 @@ def relu() -> RowLocal:
     return RowLocal(F.relu)
 
 
-Mix = Union[ConvMix, IdentityMix]
+Mix = Union[ConvMix, PoolMix, IdentityMix]

@@ -1,46 +1,60 @@
 """ResNet with Stochastic Backpropagation."""
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet, ResNetV1d
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import SBPFeatures, SBPModuleMixin, SBPProgram, SBPState, Unit, conv_unit
+from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPFeatures, SBPModuleMixin, SBPProgram, SBPState,
+                    Unit, conv_unit)
 from ...sbp.module import stage_layers, stage_switches
 
-STEM_STRIDE = 4
 
+def shortcut_units(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
+    """The shortcut of ``block`` as units, and the name the residual add reads.
 
-def _downsample_unit(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
-    """The shortcut of ``block`` as units, and the name the residual add reads."""
+    A conv + norm shortcut is a conv unit; ``avg_down``'s AvgPool2d + 1x1 conv
+    + norm is a pool unit whose tail runs the conv and the norm.
+    """
     if block.downsample is None:
         return [], 'input'
-    layers = list(block.downsample)
-    if len(layers) != 2:
-        raise TypeError(f'{residual_of}: SBP supports a conv + norm shortcut; '
-                        'avg_down=True (AvgPool2d shortcut) is not supported')
-    return [conv_unit('downsample', 'input', layers[0], layers[1],
-                      where=f'{residual_of}.downsample')], 'downsample'
+    layers, where = list(block.downsample), f'{residual_of}.downsample'
+    if len(layers) == 2:
+        return [conv_unit('downsample', 'input', layers[0], layers[1], where=where)], 'downsample'
+    if len(layers) == 3 and isinstance(layers[0], nn.AvgPool2d):
+        pool, conv, norm = layers
+        if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1):
+            raise TypeError(f'{where}: SBP supports an AvgPool2d shortcut followed by a plain '
+                            f'1x1 stride-1 nn.Conv2d, got {conv}')
+        tail = (RowLocal(conv), BatchNorm(norm, where))
+        return [Unit('downsample', 'input', PoolMix(pool, where), tail)], 'downsample'
+    raise TypeError(f'{where}: SBP supports a conv + norm or an AvgPool2d + conv + norm '
+                    f'shortcut, got {[type(m).__name__ for m in layers]}')
 
 
-def _check_block(block: nn.Module, where: str) -> None:
+def check_block(block: nn.Module, where: str) -> None:
+    """Refuse what SBP blocks cannot run (DCN, plugins), naming ``where``."""
     if getattr(block, 'with_dcn', False):
         raise TypeError(f'{where}: SBP does not support DCN blocks; disable SBP for this stage')
     if getattr(block, 'with_plugins', False):
         raise TypeError(f'{where}: SBP does not support block plugins; disable SBP for this stage')
 
 
-class _SBPBlockMixin:
-    """Runs a residual block as an SBP program while ``sbp_state`` is set."""
+class SBPBlockMixin:
+    """Runs a residual block as an SBP program while ``sbp_state`` is set.
+
+    A chain of conv + norm layers declares them in ``_main_layers``; a block
+    with another graph overrides ``sbp_program`` (``SBPBottle2neck``).
+    """
 
     sbp_state: Optional[SBPState] = None
 
     def sbp_program(self) -> SBPProgram:
         """The block as an SBP program (``sbp_where`` names the block in errors)."""
         where = getattr(self, 'sbp_where', type(self).__name__)
-        _check_block(self, where)
-        shortcut, residual = _downsample_unit(self, where)
+        check_block(self, where)
+        shortcut, residual = shortcut_units(self, where)
         *body, (name, source, conv, norm) = self._main_layers()
         units = [conv_unit(n, s, c, b, relu_after=True, where=f'{where}.{n}')
                  for n, s, c, b in body]
@@ -58,7 +72,7 @@ class _SBPBlockMixin:
         return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
 
 
-class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
+class SBPBasicBlock(SBPBlockMixin, BasicBlock):
     """``BasicBlock`` that runs as an SBP program while ``sbp_state`` is set."""
 
     def _main_layers(self) -> List[tuple]:
@@ -66,7 +80,7 @@ class SBPBasicBlock(_SBPBlockMixin, BasicBlock):
                 ('conv2', 'conv1', self.conv2, self.norm2)]
 
 
-class SBPBottleneck(_SBPBlockMixin, Bottleneck):
+class SBPBottleneck(SBPBlockMixin, Bottleneck):
     """``Bottleneck`` that runs as an SBP program while ``sbp_state`` is set."""
 
     def _main_layers(self) -> List[tuple]:
@@ -75,11 +89,70 @@ class SBPBottleneck(_SBPBlockMixin, Bottleneck):
                 ('conv3', 'conv2', self.conv3, self.norm3)]
 
 
-_SBP_BLOCKS = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}
+SBP_BLOCKS: Dict[type, type] = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}
+"""mmdet block class -> its SBP version (the backbones' modules add theirs)."""
+
+
+class SBPResNetMixin(SBPModuleMixin):
+    """SBP for the blocks of mmdet's ``ResNet`` and its subclasses.
+
+    A backbone subclasses it before its mmdet class (``ResNetSBP``,
+    ``ResNeXtSBP``, ``RegNetSBP``, ``Res2NetSBP``); ``make_res_layer`` builds
+    the SBP version of each block (``SBP_BLOCKS``), whose parameters, buffers
+    and forward are the block's. ``stem_stride`` is the stride of the stem.
+    See ``ResNetSBP`` for the ``sbp`` keys.
+    """
+
+    stem_stride = 4
+
+    def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        extra = self.init_sbp(sbp, ('stages', 'blocks'))
+        self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
+                                         extra.get('stages'), extra.get('blocks'))
+        self.stage_strides = [self.stem_stride * math.prod(self.strides[:i + 1])
+                              for i in range(len(self.stage_blocks))]
+        stages = [getattr(self, name) for name in self.res_layers]
+        for name, stage in zip(self.res_layers, stages):
+            for j, block in enumerate(stage):
+                block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
+        self.sbp_block_inputs = stage_layers(stages, self.sbp_blocks, self.stem_stride,
+                                             self.stage_strides)
+        for block, _ in self.sbp_block_inputs:  # fail at build time, naming the block
+            self._check_sbp_block(block)
+            block.sbp_program()
+        sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
+        self.sbp_base_stride = max(sbp_strides, default=self.stem_stride)
+
+    def _check_sbp_block(self, block: nn.Module) -> None:
+        if not isinstance(block, SBPBlockMixin):
+            supported = ', '.join(f'{b.__module__}.{b.__name__}' for b in SBP_BLOCKS)
+            raise TypeError(
+                f'{block.sbp_where}: block class {type(block).__module__}.'
+                f'{type(block).__name__} has no SBP version (SBP supports the blocks '
+                f'{supported}); turn SBP off for its stage with sbp.stages/sbp.blocks, or '
+                'register an SBP version in sbp_mmdet.models.backbones.SBP_BLOCKS')
+
+    def make_res_layer(self, **kwargs) -> nn.Module:
+        kwargs['block'] = SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
+        return super().make_res_layer(**kwargs)
+
+    def sbp_active(self) -> bool:
+        """Whether the next forward uses SBP."""
+        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_block_inputs)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        if not self.sbp_training():
+            return super().forward(x)
+        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
+        with self.sbp_layers(iteration, self.sbp_block_inputs):
+            outs = super().forward(x)
+        return SBPFeatures(outs, iteration,
+                           [self.stage_strides[i] for i in sorted(self.out_indices)])
 
 
 @MODELS.register_module()
-class ResNetSBP(SBPModuleMixin, ResNet):
+class ResNetSBP(SBPResNetMixin, ResNet):
     """ResNet whose blocks train with Stochastic Backpropagation (SBP).
 
     A drop-in replacement for mmdet's ``ResNet``: same arguments, same
@@ -123,37 +196,8 @@ class ResNetSBP(SBPModuleMixin, ResNet):
         [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]
     """
 
-    def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        extra = self.init_sbp(sbp, ('stages', 'blocks'))
-        self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
-                                         extra.get('stages'), extra.get('blocks'))
-        self.stage_strides = [STEM_STRIDE * math.prod(self.strides[:i + 1])
-                              for i in range(len(self.strides))]
-        stages = [getattr(self, name) for name in self.res_layers]
-        for name, stage in zip(self.res_layers, stages):
-            for j, block in enumerate(stage):
-                block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
-        self.sbp_block_inputs = stage_layers(stages, self.sbp_blocks, STEM_STRIDE,
-                                             self.stage_strides)
-        for block, _ in self.sbp_block_inputs:  # fail at build time, naming the block
-            block.sbp_program()
-        sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
-        self.sbp_base_stride = max(sbp_strides, default=STEM_STRIDE)
 
-    def make_res_layer(self, **kwargs) -> nn.Module:
-        kwargs['block'] = _SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
-        return super().make_res_layer(**kwargs)
-
-    def sbp_active(self) -> bool:
-        """Whether the next forward uses SBP."""
-        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_block_inputs)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if not self.sbp_training():
-            return super().forward(x)
-        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
-        with self.sbp_layers(iteration, self.sbp_block_inputs):
-            outs = super().forward(x)
-        return SBPFeatures(outs, iteration,
-                           [self.stage_strides[i] for i in sorted(self.out_indices)])
+@MODELS.register_module()
+class ResNetV1dSBP(SBPResNetMixin, ResNetV1d):
+    """mmdet's ``ResNetV1d`` (deep stem, ``avg_down`` shortcuts) with SBP;
+    arguments and ``sbp`` keys as ``ResNetSBP``."""

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ...sbp import SBPFeatures, SBPIteration, SBPModuleMixin
 from ..layers import SBPConvModule
+from ..sbp_types import supported_backbones
 
 CONV_GROUPS = {'lateral': 'lateral_convs', 'output': 'fpn_convs'}
 
@@ -79,6 +80,16 @@ class FPNSBP(SBPModuleMixin, FPN):
             raise ValueError(f'{self.sbp_name}: input strides {strides} do not double from '
                              'level to level as FPN assumes')
         return features.iteration, strides
+
+    def sbp_follow(self, inputs: Sequence) -> SBPFeatures:
+        if not isinstance(inputs, SBPFeatures):
+            raise ValueError(
+                f'{self.sbp_name}: its inputs carry no SBP mask (they are a '
+                f'{type(inputs).__name__}, not SBPFeatures): the backbone before it must be an '
+                f'SBP backbone (mmdet type -> SBP type: {supported_backbones()}) with nothing '
+                'in between that rebuilds the feature tuple; behind a backbone without an SBP '
+                'version use FPN, or FPNSBP with sbp.own_mask=True')
+        return super().sbp_follow(inputs)
 
     def _out_strides(self, strides: List[int]) -> List[int]:
         first = strides[self.start_level]

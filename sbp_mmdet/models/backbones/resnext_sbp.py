@@ -1,0 +1,47 @@
+"""ResNeXt and RegNet (grouped-conv bottlenecks) with Stochastic Backpropagation."""
+from mmdet.models.backbones import RegNet, ResNeXt
+from mmdet.models.backbones.resnext import Bottleneck as ResNeXtBottleneck
+from mmdet.registry import MODELS
+
+from .resnet_sbp import SBP_BLOCKS, SBPBottleneck, SBPResNetMixin
+
+
+class SBPResNeXtBottleneck(SBPBottleneck, ResNeXtBottleneck):
+    """ResNeXt's ``Bottleneck`` (grouped 3x3 conv) that runs as an SBP program
+    while ``sbp_state`` is set: the layers of ``SBPBottleneck``."""
+
+
+SBP_BLOCKS[ResNeXtBottleneck] = SBPResNeXtBottleneck
+
+
+@MODELS.register_module()
+class ResNeXtSBP(SBPResNetMixin, ResNeXt):
+    """mmdet's ``ResNeXt`` whose blocks train with SBP.
+
+    Same arguments (``groups``, ``base_width`` and those of ``ResNet``), same
+    ``state_dict`` keys, identical outputs; SBP is off in eval mode.
+
+    Args:
+        sbp (dict, optional): the keys of ``ResNetSBP`` (``keep_ratio``,
+            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute``,
+            ``stages``, ``blocks``).
+        **kwargs: the arguments of ``mmdet.models.ResNeXt``.
+    """
+
+
+@MODELS.register_module()
+class RegNetSBP(SBPResNetMixin, RegNet):
+    """mmdet's ``RegNet`` (ResNeXt bottlenecks, stride-2 stem) whose blocks
+    train with SBP.
+
+    Same arguments (``arch`` as a name such as ``'regnetx_3.2gf'`` or a dict),
+    same ``state_dict`` keys, identical outputs; SBP is off in eval mode.
+
+    Args:
+        sbp (dict, optional): the keys of ``ResNetSBP`` (``keep_ratio``,
+            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute``,
+            ``stages``, ``blocks``).
+        **kwargs: the arguments of ``mmdet.models.RegNet``.
+    """
+
+    stem_stride = 2
