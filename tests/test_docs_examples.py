@@ -7,7 +7,7 @@ DOC = Path(__file__).resolve().parents[1] / 'docs' / 'extending.md'
 
 def test_extending_examples_run():
     blocks = re.findall(r'```python\n(.*?)```', DOC.read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f'{DOC.name}[python block {i}]', 'exec'), namespace)

@@ -5,7 +5,7 @@ from ..sbp import SBPConfig
 
 # The settings of an FPNSBP behind a ResNetSBP that must equal the backbone's:
 # the neck uses the backbone's mask.
-SHARED_KEYS = ('keep_ratio', 'sampling')
+SHARED_KEYS = ('keep_ratio', 'sampling', 'per_image')
 
 
 def _is(module_cfg: Any, name: str) -> bool:
@@ -26,7 +26,7 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     """What in a detector config makes its SBP backbone and neck disagree.
 
     An ``FPNSBP`` neck behind a ``ResNetSBP`` backbone uses the backbone's
-    mask, so a ``keep_ratio`` or ``sampling`` given in the neck's ``sbp`` must
+    mask, so a ``keep_ratio``, ``sampling`` or ``per_image`` given in the neck's ``sbp`` must
     equal the backbone's (defaults applied). Without this check the
     disagreement surfaces at the first training forward. Bad ``sbp`` settings
     of either module (what building it would refuse) are reported too.

@@ -56,7 +56,7 @@ class FPNSBP(SBPModuleMixin, FPN):
         if self.own_mask and not isinstance(inputs, SBPFeatures):
             strides = [2**i for i in range(len(inputs))]
             top = strides[self.backbone_end_level - 1]
-            return self.sbp_draw(inputs[0].shape[2], top), strides
+            return self.sbp_draw(inputs[0].shape[2], top, batch_size=inputs[0].shape[0]), strides
         features = self.sbp_follow(inputs)
         strides = list(features.strides)
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
