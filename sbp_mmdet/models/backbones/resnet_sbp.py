@@ -94,8 +94,13 @@ class ResNetSBP(SBPModuleMixin, ResNet):
 
             - ``keep_ratio`` (float): fraction of rows kept, in (0, 1].
               Default 0.5. 1.0 trains densely.
-            - ``sampling`` (str): ``'grid'`` (periodic rows, random offset per
-              iteration; default) or ``'random'``.
+            - ``sampling`` (str): the mask policy: ``'grid'`` (periodic rows,
+              random offset per iteration, complementary across DDP ranks;
+              default), ``'random'``, ``'objects'`` (rows covering
+              ground-truth boxes first; needs ``SBPHook``) or a policy
+              registered with ``sbp_mmdet.sbp.register_mask_policy``.
+            - ``per_image`` (bool): one mask per image, each keeping the same
+              number of rows, instead of one for the batch. Default False.
             - ``grid_cell`` (int): with ``'grid'`` sampling, rows of the base
               mask kept or dropped together. Default 2; taller cells save
               more (a smaller share of 3x3 halo rows).

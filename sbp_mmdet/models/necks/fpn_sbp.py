@@ -24,10 +24,11 @@ class FPNSBP(SBPModuleMixin, FPN):
 
     Args:
         sbp (dict, optional): SBP settings: ``keep_ratio``, ``sampling``,
-            ``grid_cell``, ``grad_scale``, ``recompute`` (see ``ResNetSBP``)
-            and ``own_mask`` (bool, default False). The backbone's mask is used
-            (its keep ratio, sampling and grid cell): ``keep_ratio``/``sampling``
-            given here must agree with the backbone's, and a disagreement is
+            ``per_image``, ``grid_cell``, ``grad_scale``, ``recompute`` (see
+            ``ResNetSBP``) and ``own_mask`` (bool, default False). The
+            backbone's mask is used (its keep ratio, sampling, per-image masks
+            and grid cell): ``keep_ratio``/``sampling``/``per_image`` given
+            here must agree with the backbone's, and a disagreement is
             refused when the run starts (``sbp_model_problem``). Behind a
             backbone that returns no mask (a dense one) the neck raises an
             error, unless ``own_mask=True``: then it draws its own mask with its
