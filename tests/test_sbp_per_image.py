@@ -165,3 +165,17 @@ def test_objects_policy_gets_the_boxes_from_the_detector_forward():
     handle.remove()
     with pytest.raises(ValueError, match="needs the batch's ground-truth boxes"):
         total_loss(model, data)
+
+
+@pytest.mark.parametrize('per_image', [False, True])
+def test_reading_absent_rows_never_zeroes_the_stored_rows(per_image):
+    from sbp_mmdet.sbp.rows import Packed
+    stored = torch.tensor([0, 5, 6])
+    wanted = torch.tensor([3, 5, 6])  # row 3 absent: its clamped position is 0
+    if per_image:
+        stored, wanted = stored.expand(2, -1), wanted.expand(2, -1)
+    data = torch.ones(2, 1, 3, 2)
+    packed = Packed(data, stored, height=8)
+    taken = packed.take(wanted)
+    assert taken[:, :, 0].eq(0).all() and taken[:, :, 1:].eq(1).all()
+    assert data.eq(1).all()

@@ -169,12 +169,14 @@ def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
         n, c, _, w = data.shape
         return data.new_zeros(n, c, positions.shape[-1], w)
     out = gather_rows(data, positions.clamp(min=0))
+    absent = positions < 0
+    if not bool(absent.any()):
+        return out
+    if out is data:  # the clamped positions happen to be all rows: do not zero ``data``
+        out = out.clone()
     if positions.dim() == 2:
-        return out.masked_fill_((positions < 0)[:, None, :, None].to(out.device), 0)
-    absent = torch.nonzero(positions < 0).flatten()
-    if len(absent):
-        out.index_fill_(2, absent.to(out.device), 0)
-    return out
+        return out.masked_fill_(absent[:, None, :, None].to(out.device), 0)
+    return out.index_fill_(2, torch.nonzero(absent).flatten().to(out.device), 0)
 
 
 def _band_positions(src: Packed, first_in: Tensor, length: int) -> Tensor:
