@@ -41,6 +41,11 @@ def grid_row_mask(num_rows: int, keep_ratio: float, offset: int, cell: int = 1) 
     return phase == 0 if keep_ratio <= 0.5 else phase != 0
 
 
+def num_base_rows(image_height: int, base_stride: int) -> int:
+    """Rows of the base mask of an input ``image_height`` pixels high."""
+    return max(1, math.ceil(image_height / base_stride))
+
+
 def kept_count(num_rows: int, keep_ratio: float) -> int:
     """Rows a policy without structure keeps: ``round(r * rows)``, at least one."""
     return min(num_rows, max(1, int(round(keep_ratio * num_rows))))
@@ -136,7 +141,7 @@ def build_mask_policy(name: str) -> MaskPolicy:
     Raises:
         ValueError: for an unknown name, listing the registered ones.
     """
-    if name not in MASK_POLICIES:
+    if not isinstance(name, str) or name not in MASK_POLICIES:
         raise ValueError(f'sbp.sampling must be one of the registered mask policies '
                          f'{sorted(MASK_POLICIES)}, got {name!r} (register new ones with '
                          'sbp_mmdet.sbp.register_mask_policy)')
@@ -199,8 +204,3 @@ class ObjectsPolicy(MaskPolicy):
         boxes = boxes.detach().float().cpu().reshape(-1, 4)
         overlap = (top[:, None] < boxes[:, 3]) & (top[:, None] + request.base_stride > boxes[:, 1])
         return overlap.any(dim=1)
-
-
-def num_base_rows(image_height: int, base_stride: int) -> int:
-    """Rows of the base mask of an input ``image_height`` pixels high."""
-    return max(1, math.ceil(image_height / base_stride))
