@@ -20,7 +20,7 @@ class SBPRecorderHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         (module, *_) = SBPHook.sbp_modules(runner.model)
-        mask = ''.join(str(int(k)) for k in module.sbp_iteration.base_mask.tolist())
+        mask = ''.join(str(int(k)) for k in module.sbp_iteration.base_mask.flatten().tolist())
         record = dict(iter=runner.iter + 1, loss=float(outputs['loss']), mask=mask)
         with open(osp.join(runner.work_dir, f'record_rank{runner.rank}.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')

@@ -15,7 +15,11 @@ from sbp_mmdet.sbp.program import INPUT
 
 
 def row_mask(iteration: SBPIteration, stride: int, like: Tensor) -> Tensor:
+    """The keep mask of ``like``'s rows: (1, 1, H, 1), or (N, 1, H, 1) per image."""
     rows = iteration.kept_rows(stride, like.shape[2]).to(like.device)
+    if rows.dim() == 2:
+        mask = torch.zeros(len(rows), like.shape[2], dtype=torch.bool, device=like.device)
+        return mask.scatter_(1, rows, True)[:, None, :, None]
     mask = torch.zeros(like.shape[2], dtype=torch.bool, device=like.device)
     mask[rows] = True
     return mask[None, None, :, None]

@@ -117,7 +117,8 @@ def test_benchmark_tool_ends_with_the_error_of_a_failing_variant(tmp_path):
                               'model.backbone.sbp.sampling=rows')
     assert proc.returncode != 0
     last_lines = proc.stderr.strip().splitlines()[-3:]
-    assert "sbp.sampling must be one of ('grid', 'random'), got 'rows'" in proc.stderr
+    assert ("sbp.sampling must be one of the registered mask policies ['grid', 'objects', "
+            "'random'], got 'rows'") in proc.stderr
     assert 'variant sbp@0.5 failed' in last_lines[-1]
     assert str(out / 'logs' / 'sbp@0.5.log') in last_lines[-1]
 

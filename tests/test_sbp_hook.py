@@ -150,3 +150,21 @@ def test_hook_refuses_a_neck_that_disagrees_with_the_backbone_before_training(
     with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
         runner.train()
     assert runner.iter == 0 and 'train/loss' not in runner.message_hub.log_scalars
+
+
+def test_hook_hands_the_boxes_to_an_object_aware_per_image_policy(tiny_workspace, monkeypatch):
+    monkeypatch.chdir(tiny_workspace)
+    cfg = Config.fromfile(str(TINY_SBP))
+    cfg.work_dir = str(tiny_workspace / 'work_dirs' / 'objects')
+    cfg.model.backbone.sbp.update(sampling='objects', per_image=True)
+    cfg.custom_hooks = [dict(type='SBPHook')]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    cfg.train_cfg.update(max_iters=2, val_interval=100)
+    runner = Runner.from_cfg(cfg)
+    runner.train()  # without the boxes the policy would refuse to draw
+    iteration = runner.model.backbone.sbp_iteration
+    batch_size = cfg.train_dataloader.batch_size
+    assert iteration.per_image and iteration.base_mask.shape[0] == batch_size
+    assert len(set(iteration.base_mask.sum(dim=1).tolist())) == 1
+    assert runner.model._forward_pre_hooks == {}  # removed after training

@@ -330,6 +330,11 @@ def test_neck_follows_the_backbone_mask_and_publishes_its_strides():
     neck.train()
     with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the mask it follows'):
         neck(feats)
+    per_image = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
+                       sbp=dict(per_image=True))
+    per_image.train()
+    with pytest.raises(ValueError, match='per_image=True disagrees with the mask it follows'):
+        per_image(feats)
 
 
 def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
@@ -352,6 +357,7 @@ def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
 @pytest.mark.parametrize('neck_sbp,error', [
     (dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)'),
     (dict(sampling='random'), "FPNSBP: sbp.sampling='random' disagrees with the backbone"),
+    (dict(per_image=True), 'FPNSBP: sbp.per_image=True disagrees with the backbone (False)'),
     (dict(keep_ratio=0.5, sampling='grid', grad_scale='inverse_keep'), None),
     (dict(own_mask=True, convs=('lateral',)), None),  # every FPNSBP key is known
     (dict(convs=('lateral',), top_down=True), "FPNSBP: unknown key(s) ['top_down']"),

@@ -1,3 +1,3 @@
-from .sbp_hook import SBPHook, keep_ratio_schedule
+from .sbp_hook import SBPHook, feed_gt_boxes, keep_ratio_schedule
 
-__all__ = ['SBPHook', 'keep_ratio_schedule']
+__all__ = ['SBPHook', 'feed_gt_boxes', 'keep_ratio_schedule']

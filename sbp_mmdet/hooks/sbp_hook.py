@@ -1,6 +1,6 @@
 """A hook that schedules SBP's keep ratio, makes resumed runs exact and logs SBP."""
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.hooks import Hook
@@ -8,6 +8,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..engine.seeding import SeededIterator, derived_seed, seed_global_generators
 from ..models.checks import sbp_model_problem
@@ -70,6 +71,13 @@ class SBPHook(Hook):
     batches on resume, except ``persistent_workers=True`` in an epoch-based
     loop, where a resumed run's workers start again from their initial state
     (the hook warns; the COCO SBP configs set ``persistent_workers=False``).
+
+    **Ground-truth boxes.** When a module's mask policy needs the batch's
+    boxes before the forward (``sbp.sampling='objects'``), the hook hands
+    them over with ``feed_gt_boxes``: a forward pre-hook on the detector that,
+    in every ``mode='loss'`` call, gives the data samples' ``gt_instances``
+    boxes (after the data preprocessor, in input pixels) to the SBP modules'
+    mask samplers.
 
     **Logging.** After each iteration the hook writes to the message hub,
     hence to every logger/visualizer backend (console, TensorBoard,...):
@@ -135,6 +143,7 @@ class SBPHook(Hook):
         self.seed: Optional[int] = None
         self._base: dict = {}
         self._loaded_meta: Optional[dict] = None
+        self._boxes_handle: Optional[RemovableHandle] = None
 
     @staticmethod
     def sbp_modules(model: nn.Module) -> List[nn.Module]:
@@ -162,6 +171,10 @@ class SBPHook(Hook):
         self.seed = int(sbp_meta['seed'] if sbp_meta else runner.seed)
         for module in modules:
             module.mask_sampler.set_seed(self.seed)
+        samplers = [m.mask_sampler for m in modules if m.mask_sampler.policy.needs_boxes]
+        if samplers and self._boxes_handle is None:
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            self._boxes_handle = feed_gt_boxes(model, samplers)
         if resumed:
             self._check_resume(runner, sbp_meta)
         loop = runner.train_loop
@@ -197,6 +210,11 @@ class SBPHook(Hook):
                       f'Resume with randomness.seed={runner.seed} (tools/train.py --resume '
                       'does this) for an exact resume', logger='current', level=logging.WARNING)
 
+    def after_train(self, runner) -> None:
+        if self._boxes_handle is not None:
+            self._boxes_handle.remove()
+            self._boxes_handle = None
+
     def before_train_epoch(self, runner) -> None:
         if not isinstance(getattr(runner.train_loop, 'dataloader_iterator', None),
                           SeededIterator):
@@ -230,6 +248,29 @@ class SBPHook(Hook):
                 hub.update_scalar(f'train/sbp/kept_fraction_s{stride}', fraction)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             hub.update_scalar('train/sbp/max_memory_mib', torch.cuda.max_memory_allocated() / 2**20)
+
+
+def feed_gt_boxes(detector: nn.Module, samplers: Sequence[Any]) -> RemovableHandle:
+    """Give ``samplers`` (``RowMaskSampler``) the batch's ground-truth boxes
+    before every ``mode='loss'`` forward of ``detector``.
+
+    The pre-hook reads ``data_samples`` of ``detector.forward(inputs,
+    data_samples, mode)``: what the data preprocessor produced, so the boxes
+    are in the coordinates of the backbone's input (batch augments included).
+
+    Returns:
+        RemovableHandle: removes the pre-hook.
+    """
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mode = kwargs.get('mode', args[2] if len(args) > 2 else 'tensor')
+        samples = kwargs.get('data_samples', args[1] if len(args) > 1 else None)
+        if mode != 'loss' or samples is None:
+            return
+        boxes = [sample.gt_instances.bboxes for sample in samples]
+        boxes = [getattr(b, 'tensor', b) for b in boxes]  # mmdet's box types hold a tensor
+        for sampler in samplers:
+            sampler.set_gt_boxes(boxes)
+    return detector.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def _check_iteration(value, name: str) -> None:

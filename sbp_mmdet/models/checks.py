@@ -7,7 +7,7 @@ from .sbp_types import SBP_BACKBONES, is_sbp_backbone, no_sbp_backbone_message, 
 
 # The settings of an FPNSBP behind an SBP backbone that must equal the backbone's:
 # the neck uses the backbone's mask.
-SHARED_KEYS = ('keep_ratio', 'sampling')
+SHARED_KEYS = ('keep_ratio', 'sampling', 'per_image')
 # SBP backbones and their own sbp keys
 BACKBONE_KEYS = {'ResNetSBP': ('stages', 'blocks'),
                  'ConvNeXtSBP': ('stages', 'blocks', 'downsample')}
@@ -33,7 +33,7 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     message names the backbone and lists the SBP backbones.
 
     An ``FPNSBP`` neck behind an SBP backbone (``ResNetSBP`` etc.) uses the backbone's
-    mask, so a ``keep_ratio`` or ``sampling`` given in the neck's ``sbp`` must
+    mask, so a ``keep_ratio``, ``sampling`` or ``per_image`` given in the neck's ``sbp`` must
     equal the backbone's (defaults applied). Without this check the
     disagreement surfaces at the first training forward. Bad ``sbp`` settings
     of either module (what building it would refuse) are reported too.

@@ -1,8 +1,10 @@
 """The SBP mechanism shared by every SBP backbone and neck.
 
 - ``config``: the validated ``sbp=dict(...)`` settings.
-- ``masks``: row keep masks, one base mask per iteration at the coarsest
-  SBP stride, replicated to finer strides.
+- ``policies``: mask policies (``grid``, ``random``, ``objects``), a
+  registry of them (``register_mask_policy``) and what they draw from.
+- ``masks``: row keep masks, one base mask per iteration (shared or per
+  image) at the coarsest SBP stride, replicated to finer strides.
 - ``rows``: convolutions at a subset of output rows (bands with halos).
 - ``norm``: BatchNorm at packed rows with full-map statistics.
 - ``ops``: what a unit is made of: a row-mixing op (a conv, an average
@@ -23,10 +25,13 @@ from .module import SBPModuleMixin
 from .norm import BatchNorm
 from .ops import (Add, ChannelsLast, ChannelSlice, Concat, ConvMix, DropPath, IdentityMix,
                   LayerScale, PoolMix, RowLocal, TailOp, relu)
+from .policies import (MASK_POLICIES, MaskPolicy, MaskRequest, fill_to_equal_counts,
+                       register_mask_policy)
 from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
 
-__all__ = ['SBPConfig', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
+__all__ = ['SBPConfig', 'MASK_POLICIES', 'MaskPolicy', 'MaskRequest', 'register_mask_policy',
+           'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin', 'ConvMix',
            'PoolMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
            'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

@@ -2,7 +2,8 @@
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-SAMPLINGS = ('grid', 'random')
+from .policies import MASK_POLICIES, build_mask_policy
+
 GRAD_SCALES = ('none', 'inverse_keep')
 
 
@@ -14,9 +15,16 @@ class SBPConfig:
         keep_ratio (float): fraction of feature-map rows whose gradients are
             computed in the backward pass, in (0, 1]. 1.0 is plain backprop.
             Default: 0.5.
-        sampling (str): ``'grid'`` keeps rows on a periodic grid whose offset
-            is drawn per iteration (the paper's better practice); ``'random'``
-            keeps a random subset of rows. Default: ``'grid'``.
+        sampling (str): the mask policy, a name registered with
+            ``register_mask_policy`` (``policies.py``): ``'grid'`` keeps rows
+            on a periodic grid whose offset is drawn per iteration (the
+            paper's better practice; DDP ranks take complementary offsets);
+            ``'random'`` keeps a random subset of rows; ``'objects'`` keeps
+            the rows covering ground-truth boxes first (needs ``SBPHook``).
+            Default: ``'grid'``.
+        per_image (bool): draw one mask per image of the batch (all keeping
+            the same number of rows) instead of one shared by the batch.
+            Default: False.
         grid_cell (int): with ``'grid'`` sampling, rows of the base mask kept
             (or dropped) together. Taller cells make the halo of 3x3
             convolutions relatively smaller, saving memory and backward time;
@@ -33,6 +41,7 @@ class SBPConfig:
 
     keep_ratio: float = 0.5
     sampling: str = 'grid'
+    per_image: bool = False
     grid_cell: int = 2
     grad_scale: str = 'none'
     recompute: bool = False
@@ -42,8 +51,10 @@ class SBPConfig:
             raise TypeError(f'sbp.keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}')
         if not 0.0 < float(self.keep_ratio) <= 1.0:
             raise ValueError(f'sbp.keep_ratio must be in (0, 1], got {self.keep_ratio}')
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f'sbp.sampling must be one of {SAMPLINGS}, got {self.sampling!r}')
+        if not isinstance(self.sampling, str) or self.sampling not in MASK_POLICIES:
+            build_mask_policy(self.sampling)  # raises, naming the registered policies
+        if not isinstance(self.per_image, bool):
+            raise TypeError(f'sbp.per_image must be True or False, got {self.per_image!r}')
         if isinstance(self.grid_cell, bool) or not isinstance(self.grid_cell, int) \
                 or self.grid_cell < 1:
             raise ValueError(f'sbp.grid_cell must be a positive int, got {self.grid_cell!r}')

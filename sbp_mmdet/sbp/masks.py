@@ -10,93 +10,121 @@ memory and compute that are really saved.
 The base mask lives at the coarsest SBP stride. A row ``i`` of a map at a finer
 stride ``s`` covers image rows ``[i * s, (i + 1) * s)`` and is kept when the
 base row that covers them is kept, so every SBP layer of the backbone and the
-neck drops the same image regions within one iteration.
+neck drops the same image regions within one iteration. With
+``sbp.per_image`` every image of the batch has its own base mask, all keeping
+the same number of rows, so that packed rows stay rectangular ``(N, C, k, W)``:
+row sets are then ``(N, k)`` tensors, one sorted row list per image.
 """
-import math
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .config import SBPConfig
-from .rows import gather_rows
+from .policies import MaskRequest, build_mask_policy, grid_period, grid_row_mask, num_base_rows
+from .rows import contains_rows, gather_rows, stack_rows
 
-
-def grid_row_mask(num_rows: int, keep_ratio: float, offset: int, cell: int = 1) -> Tensor:
-    """Periodic cells of ``cell`` rows: keep 1 cell in ``round(1/r)`` (r <= 0.5)
-    or drop 1 in ``round(1/(1-r))`` (r > 0.5), shifted by ``offset`` rows."""
-    if keep_ratio >= 1.0:
-        return torch.ones(num_rows, dtype=torch.bool)
-    phase = ((torch.arange(num_rows) + offset) // cell) % grid_period(keep_ratio)
-    return phase == 0 if keep_ratio <= 0.5 else phase != 0
-
-
-def grid_period(keep_ratio: float) -> int:
-    """Number of rows after which the grid pattern repeats."""
-    if keep_ratio >= 1.0:
-        return 1
-    share = keep_ratio if keep_ratio <= 0.5 else 1.0 - keep_ratio
-    return max(2, int(round(1.0 / share)))
+__all__ = ['RowMaskSampler', 'SBPIteration', 'grid_period', 'grid_row_mask']
 
 
 class RowMaskSampler:
-    """Draws the base row mask of each iteration.
+    """Draws the base row mask of each iteration with the configured policy.
 
-    Masks are a pure function of ``(seed, step)``: ``seed`` is a run seed
-    plus the distributed rank (every rank drops different rows, so the
-    averaged gradient covers more of the image), and ``step`` counts training
-    iterations. ``SBPHook`` sets the run seed to the runner's (the one
-    mmengine stores in checkpoints and restores on resume) and ``step`` to the
-    iteration, so the masks are a function of (run seed, rank, iteration).
-    Without the hook the run seed is ``torch.initial_seed()`` at construction.
+    Masks are a pure function of (run seed, rank, step): ``step`` counts
+    training iterations, and the policy draws from two streams, one of the
+    rank's own (seeded from run seed + rank and step: ranks draw different
+    random rows) and one shared by all ranks (seeded from run seed and step:
+    ranks coordinate, e.g. ``'grid'`` takes complementary offsets).
+    ``SBPHook`` sets the run seed to the runner's (the one mmengine stores in
+    checkpoints and restores on resume) and ``step`` to the iteration. Without
+    the hook the run seed is ``torch.initial_seed()`` at construction.
     """
 
     def __init__(self, cfg: SBPConfig, seed: Optional[int] = None) -> None:
         self.cfg = cfg
+        self.policy = build_mask_policy(cfg.sampling)
         self.set_seed(torch.initial_seed() if seed is None else seed)
         self.step = 0
         self.keep_ratio = float(cfg.keep_ratio)
+        self.gt_boxes: Optional[Sequence[Tensor]] = None
 
-    def set_seed(self, run_seed: int) -> None:
-        """Draw from ``run_seed`` (the same on every rank) plus this process's rank."""
-        self.seed = int(run_seed) + _rank()
+    def set_seed(self, run_seed: int, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> None:
+        """Draw from ``run_seed`` (the same on every rank) and the rank: this
+        process's distributed rank and world size unless given."""
+        dist_rank, dist_world_size = _dist_info()
+        self.rank = dist_rank if rank is None else int(rank)
+        self.world_size = dist_world_size if world_size is None else int(world_size)
+        self.run_seed = int(run_seed)
+        self.seed = self.run_seed + self.rank
 
-    def sample(self, num_rows: int) -> Tensor:
-        """The base mask (bool, ``num_rows``) of the current step; advances it."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) % (2**63 - 1))
+    def set_gt_boxes(self, boxes: Optional[Sequence[Tensor]]) -> None:
+        """The next batch's ground-truth boxes (one (k, 4) xyxy tensor per image,
+        input pixels), for policies that need them; used by the next draw only."""
+        self.gt_boxes = None if boxes is None else list(boxes)
+
+    def sample(self, num_rows: int, batch_size: int = 1, base_stride: int = 1) -> Tensor:
+        """The base mask of the current step; advances it.
+
+        Returns a bool tensor: ``(num_rows,)``, or ``(batch_size, num_rows)``
+        with ``sbp.per_image``.
+
+        Raises:
+            ValueError: when a per-image policy keeps different counts per image.
+        """
+        step = self.step
         self.step += 1
-        ratio = self.keep_ratio
-        if ratio >= 1.0:
-            return torch.ones(num_rows, dtype=torch.bool)
-        if self.cfg.sampling == 'grid':
-            cell = self.cfg.grid_cell
-            offset = int(torch.randint(grid_period(ratio) * cell, (1,), generator=gen))
-            return grid_row_mask(num_rows, ratio, offset, cell)
-        num_kept = min(num_rows, max(1, int(round(ratio * num_rows))))
-        mask = torch.zeros(num_rows, dtype=torch.bool)
-        mask[torch.randperm(num_rows, generator=gen)[:num_kept]] = True
-        return mask
+        boxes, self.gt_boxes = self.gt_boxes, None
+        if self.keep_ratio >= 1.0:
+            masks = torch.ones(batch_size if self.cfg.per_image else 1, num_rows,
+                               dtype=torch.bool)
+        else:
+            masks = self.policy.draw(MaskRequest(
+                num_rows, base_stride, self.keep_ratio, batch_size, self.cfg.per_image,
+                self.cfg.grid_cell, _generator(self.seed, step), _generator(self.run_seed, step),
+                self.rank, self.world_size, boxes))
+        expected = (batch_size if self.cfg.per_image else 1, num_rows)
+        if tuple(masks.shape) != expected:
+            raise ValueError(f'mask policy {self.cfg.sampling!r} drew masks of shape '
+                             f'{tuple(masks.shape)}, expected {expected}')
+        counts = masks.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f'mask policy {self.cfg.sampling!r} kept {counts.tolist()} rows '
+                             'per image; per-image masks must keep the same count in every '
+                             'image (fill_to_equal_counts makes them so)')
+        return masks.to(torch.bool) if self.cfg.per_image else masks[0].to(torch.bool)
 
     def state_dict(self) -> dict:
         return dict(seed=self.seed, step=self.step, keep_ratio=self.keep_ratio)
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state['seed']), int(state['step'])
+        self.set_seed(int(state['seed']) - self.rank, self.rank, self.world_size)
+        self.step = int(state['step'])
         self.keep_ratio = float(state.get('keep_ratio', self.keep_ratio))
 
 
-def _rank() -> int:
+def _generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def _dist_info() -> Tuple[int, int]:
     dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class SBPIteration:
     """The keep mask of one training forward, shared by all SBP layers in it.
 
     Args:
-        base_mask (Tensor): bool mask over the rows of the base stride.
+        base_mask (Tensor): bool mask over the rows of the base stride:
+            ``(rows,)`` shared by the batch, or ``(N, rows)`` per image (every
+            image keeping the same count).
         base_stride (int): stride (in input pixels) of the base mask.
+        keep_ratio (float, optional): the keep ratio it was drawn with.
+        sampling (str, optional): the policy that drew it.
     """
 
     def __init__(self, base_mask: Tensor, base_stride: int, keep_ratio: Optional[float] = None,
@@ -108,10 +136,16 @@ class SBPIteration:
         self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._packs: Dict[int, Dict[int, Tuple[weakref.ref, weakref.ref, Tensor]]] = {}
 
+    @property
+    def per_image(self) -> bool:
+        """Whether every image has its own mask (row sets are ``(N, k)``)."""
+        return self.base_mask.dim() == 2
+
     @classmethod
-    def sample(cls, sampler: RowMaskSampler, image_height: int, base_stride: int) -> 'SBPIteration':
-        return cls(sampler.sample(max(1, math.ceil(image_height / base_stride))), base_stride,
-                   sampler.keep_ratio, sampler.cfg.sampling)
+    def sample(cls, sampler: RowMaskSampler, image_height: int, base_stride: int,
+               batch_size: int = 1) -> 'SBPIteration':
+        mask = sampler.sample(num_base_rows(image_height, base_stride), batch_size, base_stride)
+        return cls(mask, base_stride, sampler.keep_ratio, sampler.cfg.sampling)
 
     @classmethod
     def dense(cls, base_stride: int) -> 'SBPIteration':
@@ -123,7 +157,10 @@ class SBPIteration:
         return stride <= self.base_stride and self.base_stride % stride == 0
 
     def kept_rows(self, stride: int, height: int) -> Tensor:
-        """Sorted indices (on the CPU) of the kept rows of a map of ``height`` at ``stride``."""
+        """Sorted indices (on the CPU) of the kept rows of a map of ``height`` at
+        ``stride``: ``(k,)``, or ``(N, k)`` per image. Where the map's last base
+        row is cut short (heights that are not a multiple of the base), images
+        that keep fewer rows get rows added from the bottom up (``stack_rows``)."""
         key = (stride, height)
         rows = self._rows.get(key)
         if rows is None:
@@ -131,20 +168,24 @@ class SBPIteration:
                 raise ValueError(f'stride {stride} is not covered by the SBP base mask at '
                                  f'stride {self.base_stride}')
             factor = self.base_stride // stride
-            base_row = (torch.arange(height) // factor).clamp_(max=len(self.base_mask) - 1)
-            rows = torch.nonzero(self.base_mask[base_row]).flatten()
+            base_row = (torch.arange(height) // factor).clamp_(max=self.base_mask.shape[-1] - 1)
+            keep = self.base_mask[..., base_row]
+            if keep.dim() == 1:
+                rows = torch.nonzero(keep).flatten()
+            else:
+                rows = stack_rows([torch.nonzero(k).flatten() for k in keep], height)
             self._rows[key] = rows
         return rows
 
     def kept_fraction(self, stride: int, height: int) -> float:
         """Realised fraction of kept rows of a map of ``height`` at ``stride``."""
-        return len(self.kept_rows(stride, height)) / max(height, 1)
+        return self.kept_rows(stride, height).shape[-1] / max(height, 1)
 
     def kept_fractions(self) -> Dict[int, float]:
         """Realised kept fraction per stride of the maps SBP used so far."""
         fractions: Dict[int, float] = {}
         for (stride, height), rows in self._rows.items():
-            fractions[stride] = len(rows) / max(height, 1)
+            fractions[stride] = rows.shape[-1] / max(height, 1)
         return fractions
 
     def pack(self, tensor: Tensor, rows: Tensor,
@@ -152,16 +193,17 @@ class SBPIteration:
         """Rows ``rows`` of ``tensor`` in ``dtype``, stored once per feature map.
 
         Returns ``(data, stored_rows)`` with ``data = tensor[:, :, stored_rows]``
-        (cast to ``dtype``, default the tensor's) and ``stored_rows`` a superset
-        of ``rows``: when an SBP layer already packed more rows of the same map
-        (a block's input with its halo), the next reader (the FPN lateral on the
-        same stage output) shares that copy instead of storing its rows again.
+        (per image for ``(N, k)`` rows; cast to ``dtype``, default the
+        tensor's) and ``stored_rows`` a superset of ``rows``: when an SBP layer
+        already packed more rows of the same map (a block's input with its
+        halo), the next reader (the FPN lateral on the same stage output)
+        shares that copy instead of storing its rows again.
         """
         dtype = dtype or tensor.dtype
         for key, (tensor_ref, data_ref, stored_rows) in self._packs.get(id(tensor), {}).items():
             data = data_ref()
             if tensor_ref() is tensor and data is not None and data.dtype == dtype and (
-                    stored_rows is rows or torch.isin(rows, stored_rows).all()):
+                    stored_rows is rows or contains_rows(stored_rows, rows)):
                 return data, stored_rows
         data = gather_rows(tensor, rows).to(dtype)
         # The references are weak: the autograd nodes that save ``data`` own

@@ -25,11 +25,12 @@ class SBPModuleMixin:
     layers are modules with a ``sbp_program()`` and a ``sbp_state`` attribute
     (``SBPConvModule``, the SBP residual blocks).
 
-    ``sbp=dict(...)`` keys: ``keep_ratio``, ``sampling``, ``grid_cell``,
-    ``grad_scale`` and ``recompute`` (see ``SBPConfig``), plus the module's own
-    (``extra_keys`` of ``init_sbp``). A module that follows its input's mask
-    uses that mask's keep ratio and sampling: given ``keep_ratio`` or
-    ``sampling`` must agree with it.
+    ``sbp=dict(...)`` keys: ``keep_ratio``, ``sampling``, ``per_image``,
+    ``grid_cell``, ``grad_scale`` and ``recompute`` (see ``SBPConfig``), plus
+    the module's own (``extra_keys`` of ``init_sbp``). A module that follows
+    its input's mask uses that mask's keep ratio, sampling and per-image
+    setting: given ``keep_ratio``, ``sampling`` or ``per_image`` must agree
+    with it.
 
     Attributes:
         sbp_cfg (SBPConfig): the validated settings.
@@ -65,11 +66,12 @@ class SBPModuleMixin:
         """Whether this forward trains (SBP applies, possibly with a dense mask)."""
         return self.training and torch.is_grad_enabled()
 
-    def sbp_draw(self, image_height: int, base_stride: int, dense: bool = False) -> SBPIteration:
+    def sbp_draw(self, image_height: int, base_stride: int, dense: bool = False,
+                 batch_size: int = 1) -> SBPIteration:
         """The iteration's mask, drawn by the first SBP module of the forward."""
         if dense or self.keep_ratio >= 1.0:
             return SBPIteration.dense(base_stride)
-        return SBPIteration.sample(self.mask_sampler, image_height, base_stride)
+        return SBPIteration.sample(self.mask_sampler, image_height, base_stride, batch_size)
 
     def sbp_follow(self, inputs: Sequence) -> SBPFeatures:
         """The SBP context that ``inputs`` carry.
@@ -87,8 +89,8 @@ class SBPModuleMixin:
                 'tuple, or use its dense counterpart')
         iteration = inputs.iteration
         if iteration.keep_ratio != 1.0:
-            for key in ('keep_ratio', 'sampling'):
-                value = self.keep_ratio if key == 'keep_ratio' else self.sbp_cfg.sampling
+            for key in ('keep_ratio', 'sampling', 'per_image'):
+                value = self.keep_ratio if key == 'keep_ratio' else getattr(self.sbp_cfg, key)
                 if key in self.sbp_given and value != getattr(iteration, key):
                     raise ValueError(
                         f'{self.sbp_name}: sbp.{key}={value!r} disagrees with the mask it '

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .masks import SBPIteration
 from .norm import BatchNorm
 from .ops import Add, ConvMix, Mix, TailOp, relu
-from .rows import Packed, add_rows_, gather_rows
+from .rows import Packed, add_rows_, gather_rows, union_rows
 
 INPUT = 'input'
 
@@ -220,7 +220,7 @@ class _Run:
                 wanted = wanted + [self.kept[unit.name]]
             if not wanted:  # a plain conv read by nobody: backward needs only its input
                 continue
-            rows = _union(wanted[1:], wanted[0])
+            rows = _union(wanted[1:], wanted[0], self.heights[unit.name])
             self.mixed_rows[unit.name] = rows
             for op in unit.tail:
                 if op.reads is not None:
@@ -229,7 +229,7 @@ class _Run:
                 value_rows[unit.source].append(unit.mix.reads(rows, self.heights[unit.source]))
             else:
                 self.stored_rows[unit.name] = rows
-        self.input_rows = _union(value_rows[INPUT], self.kept[INPUT])
+        self.input_rows = _union(value_rows[INPUT], self.kept[INPUT], self.heights[INPUT])
 
     # --------------------------------------------------------------- backward
     def backward(self, grad_outputs: Sequence[Tensor]
@@ -277,7 +277,7 @@ class _Run:
                        grad_input: Optional[Tensor]) -> list:
         kept = self.kept[unit.name]
         grad = grads.pop(unit.name, None)
-        if grad is None or len(kept) == 0:
+        if grad is None or kept.shape[-1] == 0:
             return [None] * len(unit.parameters())
         rerun, trailing = unit.split_tail()
         for op in trailing:
@@ -293,7 +293,7 @@ class _Run:
             self._accumulate(unit.source, grad_src.rows, grad_src.data, grads, grad_input)
         param_grads = mix_grads + tail_grads  # adds have no parameters
         if self.grad_scale == 'inverse_keep':
-            scale = self.heights[unit.name] / len(kept)
+            scale = self.heights[unit.name] / kept.shape[-1]
             return [None if g is None else g * scale for g in param_grads]
         return param_grads
 
@@ -339,12 +339,13 @@ class _Run:
         grads[name] = grad if name not in grads else grads[name] + grad
 
 
-def _union(parts: List[Tensor], base: Tensor) -> Tensor:
-    """Sorted union of ``base`` and ``parts``; ``base`` itself when they add nothing."""
+def _union(parts: List[Tensor], base: Tensor, height: int) -> Tensor:
+    """Sorted union of ``base`` and ``parts`` (per image for ``(N, R)`` rows);
+    ``base`` itself when they add nothing."""
     if not parts:
         return base
-    union = torch.unique(torch.cat([base] + parts))
-    return base if len(union) == len(base) else union
+    union = union_rows([base] + parts, height)
+    return base if union.shape == base.shape else union
 
 
 class _SBPFunction(torch.autograd.Function):

@@ -11,9 +11,15 @@ batch. Kernels of height 1 need no bands.
 
 Row indices live on the CPU; rows move with one indexing op per tensor (few
 large ops: on a busy CPU each op pays a thread-pool synchronisation).
+
+Row sets are ``(R,)`` tensors, shared by every image of the batch, or ``(N, R)``
+tensors, one sorted row list per image (per-image masks; every image has the
+same count, so packed tensors stay ``(N, C, R, W)``). Gathers and scatters of
+per-image rows are one ``gather``/``scatter_add`` op; convolutions at per-image
+rows run image by image (each image's bands differ).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +27,62 @@ from torch import Tensor, nn
 
 
 def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
-    """``data[:, :, positions]`` (one indexing op; ``data`` itself for all rows)."""
-    if len(positions) == data.shape[2] and bool((positions == torch.arange(len(positions))).all()):
+    """``data[:, :, positions]``, per image for ``(N, R)`` positions (one
+    indexing op; ``data`` itself for all rows)."""
+    count = positions.shape[-1]
+    if count == data.shape[2] and bool((positions == torch.arange(count)).all()):
         return data
+    if positions.dim() == 2:
+        return torch.gather(data, 2, _row_index(positions.to(data.device), data.shape))
     return data[:, :, positions.to(data.device)]
 
 
 def add_rows_(out: Tensor, positions: Tensor, src: Tensor) -> Tensor:
-    """``out[:, :, positions] += src``; repeated positions accumulate."""
+    """``out[:, :, positions] += src`` (per image for ``(N, R)`` positions);
+    repeated positions accumulate."""
+    if positions.dim() == 2:
+        return out.scatter_add_(2, _row_index(positions.to(out.device), src.shape), src)
     return out.index_add_(2, positions.to(out.device), src)
+
+
+def _row_index(positions: Tensor, shape: Sequence[int]) -> Tensor:
+    """``(N, R)`` row positions as a gather/scatter index over ``(N, C, R, W)``
+    (an expanded view: no copy)."""
+    n, c, _, w = shape
+    return positions[:, None, :, None].expand(n, c, positions.shape[1], w)
+
+
+def stack_rows(parts: Sequence[Tensor], height: int) -> Tensor:
+    """Per-image sorted row lists as one ``(N, R)`` tensor, ``R`` the longest
+    list's length: shorter lists get absent rows added from the bottom up."""
+    size = max(len(part) for part in parts)
+    filled = []
+    for part in parts:
+        if len(part) < size:
+            absent = torch.ones(height, dtype=torch.bool)
+            absent[part] = False
+            extra = torch.nonzero(absent).flatten()[len(part) - size:]
+            part = torch.sort(torch.cat([part, extra])).values
+        filled.append(part)
+    return torch.stack(filled)
+
+
+def contains_rows(rows: Tensor, subset: Tensor) -> bool:
+    """Whether every row of ``subset`` is in ``rows`` (image by image for (N, R))."""
+    if rows.dim() != subset.dim():
+        return False
+    if rows.dim() == 1:
+        return bool(torch.isin(subset, rows).all())
+    return len(rows) == len(subset) and all(
+        bool(torch.isin(s, r).all()) for r, s in zip(rows, subset))
+
+
+def union_rows(parts: Sequence[Tensor], height: int) -> Tensor:
+    """Sorted union of row sets (image by image for (N, R), then ``stack_rows``)."""
+    joined = torch.cat(list(parts), dim=-1)
+    if joined.dim() == 1:
+        return torch.unique(joined)
+    return stack_rows([torch.unique(rows) for rows in joined], height)
 
 
 @dataclass(frozen=True)
@@ -41,15 +94,28 @@ class Packed:
     height: int
 
     def positions(self, rows: Tensor) -> Tensor:
-        """Positions of absolute ``rows`` in ``data``; -1 where a row is absent."""
-        lut = torch.full((self.height,), -1, dtype=torch.long)
-        lut[self.rows] = torch.arange(len(self.rows))
+        """Positions of absolute ``rows`` in ``data``; -1 where a row is absent
+        (image by image when either row set is per image)."""
         inside = (rows >= 0) & (rows < self.height)
-        return torch.where(inside, lut[rows.clamp(0, self.height - 1)], -1)
+        clamped = rows.clamp(0, self.height - 1)
+        if self.rows.dim() == 1 and rows.dim() == 1:
+            lut = torch.full((self.height,), -1, dtype=torch.long)
+            lut[self.rows] = torch.arange(len(self.rows))
+            return torch.where(inside, lut[clamped], -1)
+        n = self.data.shape[0]
+        own = self.rows.expand(n, -1)
+        lut = torch.full((n, self.height), -1, dtype=torch.long)
+        lut.scatter_(1, own, torch.arange(own.shape[1]).expand_as(own))
+        return torch.where(inside, lut.gather(1, clamped.expand(n, -1)), -1)
+
+    def image(self, index: int) -> 'Packed':
+        """Image ``index`` alone, with its own row list."""
+        rows = self.rows[index] if self.rows.dim() == 2 else self.rows
+        return Packed(self.data[index:index + 1], rows, self.height)
 
     def take(self, rows: Tensor) -> Tensor:
         """Values at absolute ``rows``; rows absent or outside the map are zero."""
-        if rows is self.rows or (len(rows) == len(self.rows) and torch.equal(rows, self.rows)):
+        if rows is self.rows or (rows.shape == self.rows.shape and torch.equal(rows, self.rows)):
             return self.data
         return _gather_or_zero(self.data, self.positions(rows))
 
@@ -73,6 +139,8 @@ class RowGeometry:
 
     def input_rows(self, out_rows: Tensor, in_height: int) -> Tensor:
         """Input rows that the outputs at ``out_rows`` read (inside the map)."""
+        if out_rows.dim() == 2:
+            return stack_rows([self.input_rows(rows, in_height) for rows in out_rows], in_height)
         taps = torch.arange(self.kernel) * self.dilation - self.padding
         rows = (out_rows[:, None] * self.stride + taps).flatten()
         return torch.unique(rows[(rows >= 0) & (rows < in_height)])
@@ -99,12 +167,16 @@ def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
     """``data[:, :, positions]`` with zero rows where ``positions`` is -1."""
     if len(data.shape) and data.shape[2] == 0:
         n, c, _, w = data.shape
-        return data.new_zeros(n, c, len(positions), w)
+        return data.new_zeros(n, c, positions.shape[-1], w)
     out = gather_rows(data, positions.clamp(min=0))
-    absent = torch.nonzero(positions < 0).flatten()
-    if len(absent):
-        out.index_fill_(2, absent.to(out.device), 0)
-    return out
+    absent = positions < 0
+    if not bool(absent.any()):
+        return out
+    if out is data:  # the clamped positions happen to be all rows: do not zero ``data``
+        out = out.clone()
+    if positions.dim() == 2:
+        return out.masked_fill_(absent[:, None, :, None].to(out.device), 0)
+    return out.index_fill_(2, torch.nonzero(absent).flatten().to(out.device), 0)
 
 
 def _band_positions(src: Packed, first_in: Tensor, length: int) -> Tensor:
@@ -160,6 +232,8 @@ def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tens
 
 def conv_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor) -> Tensor:
     """``conv(x)[:, :, out_rows]`` computed from the packed rows ``src`` of x."""
+    if out_rows.dim() == 2:
+        return torch.cat([conv_rows(conv, src.image(i), rows) for i, rows in enumerate(out_rows)])
     geom = RowGeometry.of(conv)
     n = src.data.shape[0]
     weight, bias = _weights(conv, src.data.dtype)
@@ -195,6 +269,8 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         ``grad_input`` is packed at ``src.rows``. Entries whose tensors do not
         need gradients are None.
     """
+    if out_rows.dim() == 2:
+        return _per_image_backward(conv, src, out_rows, grad_out, need_input)
     geom = RowGeometry.of(conv)
     weight, _ = _weights(conv, src.data.dtype)
     mask = [need_input, conv.weight.requires_grad,
@@ -235,3 +311,21 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         if mask[2]:
             grad_b = gb if grad_b is None else grad_b + gb
     return grad_in, grad_w, grad_b
+
+
+def _per_image_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out: Tensor,
+                        need_input: bool) -> Tuple[Optional[Packed], Optional[Tensor],
+                                                   Optional[Tensor]]:
+    """``conv_rows_backward`` at per-image rows: image by image, parameter
+    gradients summed."""
+    results = [conv_rows_backward(conv, src.image(i), rows, grad_out[i:i + 1], need_input)
+               for i, rows in enumerate(out_rows)]
+    grad_in = None
+    if need_input:
+        grad_in = Packed(torch.cat([r[0].data for r in results]),
+                         torch.stack([r[0].rows for r in results]), src.height)
+    return grad_in, _sum_or_none([r[1] for r in results]), _sum_or_none([r[2] for r in results])
+
+
+def _sum_or_none(grads: List[Optional[Tensor]]) -> Optional[Tensor]:
+    return None if grads[0] is None else torch.stack(grads).sum(dim=0)

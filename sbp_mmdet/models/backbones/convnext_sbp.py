@@ -203,7 +203,8 @@ class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         if not self.sbp_training():
             return super().forward(x)
-        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
+        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active(),
+                                  batch_size=x.shape[0])
         with self.sbp_layers(iteration, self.sbp_layer_inputs):
             outs = super().forward(x)
         return SBPFeatures(outs, iteration,

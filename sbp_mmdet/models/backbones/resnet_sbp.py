@@ -144,7 +144,8 @@ class SBPResNetMixin(SBPModuleMixin):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         if not self.sbp_training():
             return super().forward(x)
-        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active())
+        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active(),
+                                  batch_size=x.shape[0])
         with self.sbp_layers(iteration, self.sbp_block_inputs):
             outs = super().forward(x)
         return SBPFeatures(outs, iteration,
@@ -167,8 +168,13 @@ class ResNetSBP(SBPResNetMixin, ResNet):
 
             - ``keep_ratio`` (float): fraction of rows kept, in (0, 1].
               Default 0.5. 1.0 trains densely.
-            - ``sampling`` (str): ``'grid'`` (periodic rows, random offset per
-              iteration; default) or ``'random'``.
+            - ``sampling`` (str): the mask policy: ``'grid'`` (periodic rows,
+              random offset per iteration, complementary across DDP ranks;
+              default), ``'random'``, ``'objects'`` (rows covering
+              ground-truth boxes first; needs ``SBPHook``) or a policy
+              registered with ``sbp_mmdet.sbp.register_mask_policy``.
+            - ``per_image`` (bool): one mask per image, each keeping the same
+              number of rows, instead of one for the batch. Default False.
             - ``grid_cell`` (int): with ``'grid'`` sampling, rows of the base
               mask kept or dropped together. Default 2; taller cells save
               more (a smaller share of 3x3 halo rows).
@@ -190,7 +196,8 @@ class ResNetSBP(SBPResNetMixin, ResNet):
     Example:
         >>> import torch
         >>> from sbp_mmdet.models import ResNetSBP
-        >>> model = ResNetSBP(depth=18, sbp=dict(keep_ratio=0.5)).train()
+        >>> model = ResNetSBP(depth=18, sbp=dict(keep_ratio=0.5))
+        >>> model.train()  # SBP is on in training (mmdet's ResNet.train returns None)
         >>> outs = model(torch.rand(2, 3, 64, 96))
         >>> [tuple(o.shape) for o in outs]
         [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]

@@ -19,7 +19,7 @@ class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
 
     Args:
         sbp (dict, optional): ``grad_scale``, ``recompute`` (see
-            ``ResNetSBP``); ``keep_ratio``/``sampling``, if given, must agree
+            ``ResNetSBP``); ``keep_ratio``/``sampling``/``per_image``, if given, must agree
             with the mask it follows. Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RetinaHead``.
     """

@@ -27,10 +27,11 @@ class FPNSBP(SBPModuleMixin, FPN):
 
     Args:
         sbp (dict, optional): SBP settings: ``keep_ratio``, ``sampling``,
-            ``grid_cell``, ``grad_scale``, ``recompute`` (see ``ResNetSBP``)
-            and ``own_mask`` (bool, default False). The backbone's mask is used
-            (its keep ratio, sampling and grid cell): ``keep_ratio``/``sampling``
-            given here must agree with the backbone's, and a disagreement is
+            ``per_image``, ``grid_cell``, ``grad_scale``, ``recompute`` (see
+            ``ResNetSBP``) and ``own_mask`` (bool, default False). The
+            backbone's mask is used (its keep ratio, sampling, per-image masks
+            and grid cell): ``keep_ratio``/``sampling``/``per_image`` given
+            here must agree with the backbone's, and a disagreement is
             refused when the run starts (``sbp_model_problem``). Behind a
             backbone that returns no mask (a dense one) the neck raises an
             error, unless ``own_mask=True``: then it draws its own mask with its
@@ -73,7 +74,7 @@ class FPNSBP(SBPModuleMixin, FPN):
         if self.own_mask and not isinstance(inputs, SBPFeatures):
             strides = [2**i for i in range(len(inputs))]
             top = strides[self.backbone_end_level - 1]
-            return self.sbp_draw(inputs[0].shape[2], top), strides
+            return self.sbp_draw(inputs[0].shape[2], top, batch_size=inputs[0].shape[0]), strides
         features = self.sbp_follow(inputs)
         strides = list(features.strides)
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
