@@ -50,8 +50,8 @@ def head_hooks(head, iteration, image_height):
 def reference_units(dense, sbp_model, iteration, neck_levels):
     units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
     for i, stride in neck_levels:
-        if iteration.covers(stride):
-            units += [dense.neck.lateral_convs[i], dense.neck.fpn_convs[i]]
+        if iteration.covers(stride):  # the neck's SBP conv groups (sbp.convs)
+            units += [getattr(dense.neck, kind)[i] for kind in sbp_model.neck.sbp_conv_groups]
     return units
 
 

@@ -250,8 +250,8 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
     height = data['inputs'].shape[2]
     units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
     for i, stride in enumerate((4, 8, 16, 32)):
-        if iteration.covers(stride):
-            units += [dense.neck.lateral_convs[i], dense.neck.fpn_convs[i]]
+        if iteration.covers(stride):  # the neck's SBP conv groups (sbp.convs)
+            units += [getattr(dense.neck, kind)[i] for kind in sbp_model.neck.sbp_conv_groups]
     add_reference_hooks(units, iteration, height)
     ref_loss = total_loss(dense, data)
     torch.testing.assert_close(loss, ref_loss)
@@ -260,7 +260,7 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
     assert_grads_match(sbp_model, dense)
 
 
-@pytest.mark.parametrize('convs', [('lateral',), ('output',)])
+@pytest.mark.parametrize('convs', [('lateral',), ('output',), ('lateral', 'output')])
 def test_neck_convs_choose_which_neck_convs_use_sbp(convs):
     """``sbp.convs`` of FPNSBP: the chosen conv group follows the mask, the other
     runs densely; the detector still equals the where/detach reference."""
@@ -273,8 +273,10 @@ def test_neck_convs_choose_which_neck_convs_use_sbp(convs):
     loss = total_loss(sbp_model, data)
     iteration = sbp_model.backbone.sbp_iteration
     units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
-    group = dense.neck.lateral_convs if convs == ('lateral',) else dense.neck.fpn_convs
-    units += [group[i] for i, stride in enumerate((4, 8, 16, 32)) if iteration.covers(stride)]
+    groups = [{'lateral': dense.neck.lateral_convs, 'output': dense.neck.fpn_convs}[c]
+              for c in convs]
+    units += [group[i] for group in groups for i, stride in enumerate((4, 8, 16, 32))
+              if iteration.covers(stride)]
     add_reference_hooks(units, iteration, data['inputs'].shape[2])
     ref_loss = total_loss(dense, data)
     torch.testing.assert_close(loss, ref_loss)
