@@ -101,6 +101,17 @@ def test_forward_is_convnext_and_gradients_equal_the_reference(size, downsample)
     assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('size', [(67, 61), (45, 130)])
+@pytest.mark.parametrize('kwargs', [dict(), dict(with_cp=True), dict(linear_pw_conv=False)],
+                         ids=['store', 'recompute', 'conv_pw'])
+def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs):
+    model, dense = convnext_pair(dict(keep_ratio=0.5, per_image=True), **kwargs)
+    assert_matches_reference(model, dense, torch.rand(2, 3, *size))
+    mask = model.sbp_iteration.base_mask
+    assert mask.dim() == 2 and not torch.equal(mask[0], mask[1])
+    assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(linear_pw_conv=False),  # 1x1 convs and a channel-first norm
     dict(layer_scale_init_value=0.0, drop_path_rate=0.0),  # no gamma, no DropPath
