@@ -235,15 +235,19 @@ def detector_loss(model, data, seed=1):
                for k, v in losses.items() if 'loss' in k)
 
 
-def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense():
+@pytest.mark.parametrize('per_image', [False, True], ids=['shared', 'per_image'])
+def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense(per_image):
     from mmdet.registry import MODELS
     from mmdet.testing import demo_mm_inputs
     from mmdet.utils import register_all_modules
     register_all_modules()
     models = []
     for sbp in (True, False):
+        cfg = mask_rcnn_cfg(sbp)
+        if sbp:
+            cfg.backbone.sbp.update(per_image=per_image)
         torch.manual_seed(0)
-        models.append(MODELS.build(mask_rcnn_cfg(sbp)))
+        models.append(MODELS.build(cfg))
         models[-1].init_weights()
         models[-1].train()
     model, dense = models
@@ -259,6 +263,7 @@ def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense():
     loss.backward()
     optimizer.step()
     assert model.backbone.sbp_iteration.keep_ratio == 0.5
+    assert model.backbone.sbp_iteration.per_image == per_image
     assert torch.isfinite(detector_loss(model, data))
 
 
