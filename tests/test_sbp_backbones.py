@@ -69,14 +69,12 @@ def backbone_pair(name, **kwargs):
     return sbp, dense
 
 
-@pytest.mark.parametrize('name', list(BACKBONES))
-@pytest.mark.parametrize('size,recompute', [((64, 96), False), ((61, 45), False),
-                                            ((35, 27), False), ((61, 45), True)])
-def test_forward_is_bitwise_the_mmdet_class_and_gradients_equal_the_reference(
-        name, size, recompute):
+def assert_backbone_matches_reference(name, size, **sbp_cfg):
+    """The SBP backbone's forward is bitwise its mmdet class's; its gradients
+    equal those of the mmdet class masked like SBP's units."""
     sbp, dense = backbone_pair(name, frozen_stages=-1, norm_eval=False,
                                sbp=dict(keep_ratio=0.5, sampling='random', stages=(1, 1, 1, 0),
-                                        recompute=recompute))
+                                        **sbp_cfg))
     assert sbp.sbp_active()
     x = torch.rand(2, 3, *size)
     outs = sbp(x)
@@ -91,7 +89,25 @@ def test_forward_is_bitwise_the_mmdet_class_and_gradients_equal_the_reference(
     sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
     assert_grads_match(sbp, dense)
     kept = iteration.kept_rows(sbp.stage_strides[0], outs[0].shape[2])
-    assert len(kept) < outs[0].shape[2]  # some rows really dropped
+    assert kept.shape[-1] < outs[0].shape[2]  # some rows really dropped
+    return iteration
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+@pytest.mark.parametrize('size,recompute', [((64, 96), False), ((61, 45), False),
+                                            ((35, 27), False), ((61, 45), True)])
+def test_forward_is_bitwise_the_mmdet_class_and_gradients_equal_the_reference(
+        name, size, recompute):
+    assert_backbone_matches_reference(name, size, recompute=recompute)
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+def test_per_image_masks_are_exact_with_the_reference_gradients(name, recompute):
+    iteration = assert_backbone_matches_reference(name, (61, 45), recompute=recompute,
+                                                  per_image=True)
+    assert iteration.per_image
+    assert not torch.equal(iteration.base_mask[0], iteration.base_mask[1])
 
 
 @pytest.mark.parametrize('name', list(BACKBONES))
@@ -118,14 +134,18 @@ def test_state_dicts_are_interchangeable_and_eval_is_the_dense_class(name):
 ])
 @pytest.mark.parametrize('height', [16, 13])
 @pytest.mark.parametrize('recompute', [False, True])
-def test_pool_unit_is_exact_and_has_the_reference_gradients(pool, height, recompute):
+@pytest.mark.parametrize('masks', [
+    [True, False, False, True, True, False],
+    [[True, False, False, True, True, False], [False, True, True, False, False, True]],
+], ids=['shared', 'per_image'])
+def test_pool_unit_is_exact_and_has_the_reference_gradients(pool, height, recompute, masks):
     torch.manual_seed(0)
     conv, pw, norm = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
     nn.init.uniform_(norm.weight, 0.5, 1.5)
     program = SBPProgram([conv_unit('conv', 'input', conv, relu_after=True),
                           Unit('pool', 'conv', PoolMix(pool), (RowLocal(pw), BatchNorm(norm))),
                           Unit('out', 'pool', IdentityMix(), ())])
-    iteration = SBPIteration(torch.tensor([True, False, False, True, True, False]), 8)
+    iteration = SBPIteration(torch.tensor(masks), 8)
     x = torch.randn(2, 4, height, 11, requires_grad=True)
     ref_x = x.detach().clone().requires_grad_()
     out = program(x, iteration, stride=1, recompute=recompute)

@@ -101,6 +101,17 @@ def test_forward_is_convnext_and_gradients_equal_the_reference(size, downsample)
     assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('size', [(67, 61), (45, 130)])
+@pytest.mark.parametrize('kwargs', [dict(), dict(with_cp=True), dict(linear_pw_conv=False)],
+                         ids=['store', 'recompute', 'conv_pw'])
+def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs):
+    model, dense = convnext_pair(dict(keep_ratio=0.5, per_image=True), **kwargs)
+    assert_matches_reference(model, dense, torch.rand(2, 3, *size))
+    mask = model.sbp_iteration.base_mask
+    assert mask.dim() == 2 and not torch.equal(mask[0], mask[1])
+    assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(linear_pw_conv=False),  # 1x1 convs and a channel-first norm
     dict(layer_scale_init_value=0.0, drop_path_rate=0.0),  # no gamma, no DropPath
@@ -224,15 +235,19 @@ def detector_loss(model, data, seed=1):
                for k, v in losses.items() if 'loss' in k)
 
 
-def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense():
+@pytest.mark.parametrize('per_image', [False, True], ids=['shared', 'per_image'])
+def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense(per_image):
     from mmdet.registry import MODELS
     from mmdet.testing import demo_mm_inputs
     from mmdet.utils import register_all_modules
     register_all_modules()
     models = []
     for sbp in (True, False):
+        cfg = mask_rcnn_cfg(sbp)
+        if sbp:
+            cfg.backbone.sbp.update(per_image=per_image)
         torch.manual_seed(0)
-        models.append(MODELS.build(mask_rcnn_cfg(sbp)))
+        models.append(MODELS.build(cfg))
         models[-1].init_weights()
         models[-1].train()
     model, dense = models
@@ -248,6 +263,7 @@ def test_mask_rcnn_convnext_trains_and_its_first_loss_equals_dense():
     loss.backward()
     optimizer.step()
     assert model.backbone.sbp_iteration.keep_ratio == 0.5
+    assert model.backbone.sbp_iteration.per_image == per_image
     assert torch.isfinite(detector_loss(model, data))
 
 

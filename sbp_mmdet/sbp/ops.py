@@ -6,7 +6,9 @@ A unit is one *row-mixing* op followed by a *tail* of row-local ops:
   stride, dilation or groups; ``PoolMix``: any ``nn.AvgPool2d``;
   ``IdentityMix``: none) says which input rows
   its output rows read (its halo, ``reads``) and runs forward and backward on
-  packed rows (``rows.py``);
+  packed rows (``rows.py``). Row sets are ``(R,)``, shared by the batch, or
+  ``(N, R)`` per image; what ``reads`` and ``backward_reads`` return is of the
+  kind they are given (an empty per-image set is ``(N, 0)``);
 - a tail op maps row ``i`` of its input to row ``i`` of its output (norms over
   channels, activations, 1x1 convs and channel ``Linear`` layers, residual
   adds, channel slices and concatenations, layer scale, DropPath). In
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .rows import Packed, RowGeometry, conv_rows, conv_rows_backward, gather_rows
+from .rows import Packed, RowGeometry, add_rows_, conv_rows, conv_rows_backward, gather_rows
 
 ParamGrads = List[Optional[Tensor]]
 
@@ -115,7 +117,7 @@ class PoolMix:
         return self.geometry.input_rows(out_rows, in_height)
 
     def backward_reads(self, out_rows: Tensor, in_height: int) -> Tensor:
-        return out_rows[:0]  # linear: the gradient needs no input values
+        return out_rows[..., :0]  # linear: the gradient needs no input values
 
     def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
         return gather_rows(self.pool(src.take(torch.arange(src.height))), out_rows)
@@ -127,8 +129,7 @@ class PoolMix:
         n, c, _, width = src.data.shape
         out_height = _pool_size(src.height, self.kernel[0], self.stride[0], self.padding[0],
                                 self.pool.ceil_mode)
-        full = grad.new_zeros(n, c, out_height, grad.shape[3])
-        full[:, :, out_rows.to(grad.device)] = grad
+        full = add_rows_(grad.new_zeros(n, c, out_height, grad.shape[3]), out_rows, grad)
         grad_in = torch.ops.aten.avg_pool2d_backward(
             full, grad.new_empty(n, c, src.height, width), list(self.kernel), list(self.stride),
             list(self.padding), self.pool.ceil_mode, self.pool.count_include_pad,
@@ -164,7 +165,7 @@ class IdentityMix:
         return out_rows
 
     def backward_reads(self, out_rows: Tensor, in_height: int) -> Tensor:
-        return out_rows[:0]
+        return out_rows[..., :0]  # no rows, shared or per image like ``out_rows``
 
     def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
         return src.take(out_rows)
