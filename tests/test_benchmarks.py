@@ -168,6 +168,14 @@ def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
     assert reused['runs'] == result['runs'][1:]
     assert [p.stat().st_mtime for p in sorted((tmp_path / 'work').rglob('*.pth'))] == mtimes
 
+    # --summarise-only trains nothing: finished runs are summarised, missing ones named
+    summary = run_accuracy_tool(tmp_path, workspace, '--variants', 'dense', 'sbp@0.5:random',
+                                'sbp@0.25', '--summarise-only')
+    assert summary['runs'] == result['runs'] and summary['missing'] == ['sbp@0.25 seed 0']
+    assert not list((tmp_path / 'work').glob('sbp0.25*'))
+    table = (tmp_path / 'out' / 'table.md').read_text()
+    assert f"{result['runs'][0]['bbox_mAP']:.3f} (s0)" in table.splitlines()[2]
+
 
 def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
     from mmdet.registry import MODELS

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument('--reuse', action='store_true',
                         help='reuse a run whose work dir already holds its result.json from '
                              'the same options (to extend or resume a study)')
+    parser.add_argument('--summarise-only', action='store_true',
+                        help='train nothing: summarise the finished runs of the work dir and '
+                             'name the missing ones (a study still running or cut short)')
     return parser.parse_args(argv)
 
 
@@ -105,19 +108,34 @@ def run(cmd: List[str], log_file: str) -> None:
         raise SystemExit(f'failed: {" ".join(cmd)}\n--- end of {log_file}:\n{tail}')
 
 
-def train_and_test(args, variant: str, seed: int) -> Dict:
+def run_plan(args, variant: str, seed: int) -> Tuple[str, List[str]]:
+    """The work dir and the ``--cfg-options`` of one run."""
     work = os.path.join(args.work_dir, f"{variant.replace(':', '_').replace('@', '')}_seed{seed}")
     opts = variant_options(variant) + [f'randomness.seed={seed}',
                                        'randomness.deterministic=False'] + args.cfg_options
     if args.iters:
         opts += [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
                  f'default_hooks.checkpoint.interval={args.iters}']
+    return work, opts
+
+
+def finished_run(args, variant: str, seed: int) -> Optional[Dict]:
+    """The result of this run from its work dir, if it finished with the same options."""
+    work, opts = run_plan(args, variant, seed)
     result_file = os.path.join(work, 'result.json')
-    if args.reuse and os.path.exists(result_file):
-        with open(result_file) as f:
-            result = json.load(f)
-        if result.get('options') == opts:
-            return result
+    if not os.path.exists(result_file):
+        return None
+    with open(result_file) as f:
+        result = json.load(f)
+    return result if result.get('options') == opts else None
+
+
+def train_and_test(args, variant: str, seed: int) -> Dict:
+    work, opts = run_plan(args, variant, seed)
+    result_file = os.path.join(work, 'result.json')
+    done = finished_run(args, variant, seed) if args.reuse else None
+    if done is not None:
+        return done
     python = sys.executable
     start = time.time()
     print(f'  training (log: {work}/train.log)', flush=True)
@@ -148,8 +166,10 @@ def summarise(runs: List[Dict]) -> List[Dict]:
     for variant in dict.fromkeys(r['variant'] for r in runs):
         maps = [r['bbox_mAP'] for r in runs if r['variant'] == variant]
         times = [r['train_s'] for r in runs if r['variant'] == variant]
+        seeds = [r['seed'] for r in runs if r['variant'] == variant]
         rows.append(dict(variant=variant, seeds=len(maps), mAP_mean=statistics.mean(maps),
-                         mAP_spread=max(maps) - min(maps), train_s_mean=statistics.mean(times)))
+                         mAP_spread=max(maps) - min(maps), train_s_mean=statistics.mean(times),
+                         per_seed={seed: m for seed, m in zip(seeds, maps)}))
     dense = next((r for r in rows if r['variant'] == 'dense'), None)
     for row in rows:
         row['mAP_points_vs_dense'] = (100 * (row['mAP_mean'] - dense['mAP_mean'])
@@ -158,12 +178,13 @@ def summarise(runs: List[Dict]) -> List[Dict]:
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = ['| variant | seeds | bbox mAP (mean) | spread | vs dense (points) | train s |',
-             '|---|---|---|---|---|---|']
+    lines = ['| variant | seeds | bbox mAP (mean) | spread | vs dense (points) | per seed | '
+             'train s |', '|---|---|---|---|---|---|---|']
     for r in rows:
         delta = '-' if r['mAP_points_vs_dense'] is None else f"{r['mAP_points_vs_dense']:+.1f}"
+        per_seed = ' / '.join(f'{m:.3f} (s{seed})' for seed, m in r['per_seed'].items())
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['mAP_mean']:.3f} | "
-                     f"{r['mAP_spread']:.3f} | {delta} | {r['train_s_mean']:.0f} |")
+                     f"{r['mAP_spread']:.3f} | {delta} | {per_seed} | {r['train_s_mean']:.0f} |")
     return '\n'.join(lines)
 
 
@@ -172,20 +193,31 @@ def main(argv=None):
     for variant in args.variants:
         variant_options(variant)  # fail early on a bad name
     jobs = [(v, s) for v in args.variants for s in args.seeds]
-    runs = []
+    runs, missing = [], []
     for i, (variant, seed) in enumerate(jobs, 1):
         print(f'[{i}/{len(jobs)}] {variant}, seed {seed}', flush=True)
-        runs.append(train_and_test(args, variant, seed))
+        if args.summarise_only:
+            result = finished_run(args, variant, seed)
+            if result is None:
+                missing.append(f'{variant} seed {seed}')
+                print('  missing (not finished in the work dir)', flush=True)
+                continue
+            runs.append(result)
+        else:
+            runs.append(train_and_test(args, variant, seed))
         print(f"  bbox mAP {runs[-1]['bbox_mAP']:.3f}, training {runs[-1]['train_s']:.0f} s",
               flush=True)
     print()
+    if not runs:
+        raise SystemExit(f'no finished run in {args.work_dir}')
     rows = summarise(runs)
     table = format_table(rows)
     print(table)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, 'accuracy.json'), 'w') as f:
         json.dump(dict(config=args.config, seeds=args.seeds, iters=args.iters, runs=runs,
-                       summary=rows, date=time.strftime('%Y-%m-%d'), commit=git_commit()),
+                       summary=rows, date=time.strftime('%Y-%m-%d'), commit=git_commit(),
+                       missing=missing),
                   f, indent=2)
     with open(os.path.join(args.out_dir, 'accuracy.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['variant', 'seed', 'bbox_mAP', 'bbox_mAP_50',
