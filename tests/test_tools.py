@@ -278,6 +278,9 @@ def test_demo_summary_says_how_far_single_runs_spread_between_seeds(tmp_path: Pa
         '3.0 mAP points between seeds, so one pair of runs decides little. The multi-seed study '
         f'{study.parent}: dense 0.340-0.360 (mean 0.350, 2 seeds); sbp@0.5 0.300-0.330 '
         '(mean 0.315, 2 seeds); difference of means -3.5 points.')
+    named = run_tool('demo_summary.py', args + ['--study', str(study), 'sbp@0.5', 'dense'],
+                     tmp_path).stdout
+    assert named.splitlines()[-1].endswith('difference of means +3.5 points.')
     without = run_tool('demo_summary.py', args, tmp_path).stdout
     assert 'seeds' not in without
 

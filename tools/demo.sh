@@ -14,8 +14,9 @@ WORK=work_dirs/demo
 CONFIGS=(configs/synthetic/faster-rcnn_r18_fpn_synthetic.py
          configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic.py)
 VARIANTS=(dense sbp@0.5)
-# the committed multi-seed study of these two settings: the summary quotes its seed spread
-STUDY=docs/results/accuracy_neck_synthetic/accuracy.json
+# the committed multi-seed study of these two settings and their names there (the SBP config's
+# default neck is the study's :neck=lateral): the summary quotes its seed spread
+STUDY=(docs/results/accuracy_neck_convs_synthetic/accuracy.json dense sbp@0.5:neck=lateral)
 
 # run LOG CMD...: CMD's output goes to LOG; training progress lines are shown shortened.
 # On failure, the end of LOG is shown.
@@ -67,5 +68,5 @@ echo
 echo "Demo results: COCO bbox metrics on $DATA/val2017, training wall time on this machine,"
 echo "bytes saved for backward in one training forward (batch 4 x 256x256):"
 "$PYTHON" tools/demo_summary.py --memory "$WORK/memory/results.json" "${runs[@]}" \
-    --study "$STUDY"
+    --study "${STUDY[@]}"
 echo "(whole demo: $((SECONDS / 60)) min $((SECONDS % 60)) s; logs and checkpoints in $WORK/)"

@@ -6,7 +6,7 @@ Example::
     python tools/demo_summary.py --memory work_dirs/demo/memory/results.json \
         --run faster-rcnn_r18_fpn_synthetic dense 829 work_dirs/demo/x/test/t/t.json \
         --run faster-rcnn_r18_fpn_sbp_synthetic sbp@0.5 739 work_dirs/demo/y/test/t/t.json \
-        --study docs/results/accuracy_neck_synthetic/accuracy.json
+        --study docs/results/accuracy_neck_convs_synthetic/accuracy.json dense sbp@0.5:neck=lateral
 """
 import argparse
 import json
@@ -24,9 +24,10 @@ def parse_args() -> argparse.Namespace:
                         '(dense, sbp@0.5), its training seconds and tools/test.py metrics')
     parser.add_argument('--memory', required=True,
                         help='results.json of tools/analysis_tools/benchmark_sbp.py')
-    parser.add_argument('--study', default=None,
+    parser.add_argument('--study', nargs='+', default=None, metavar=('ACCURACY_JSON', 'VARIANT'),
                         help='accuracy.json of tools/analysis_tools/sbp_accuracy.py on the same '
-                        'configs: prints the seed spread of single runs and the seeds\' means')
+                        'settings, then the study variant of each run (default: the runs\' '
+                        'variants): prints the seed spread of single runs and the seeds\' means')
     return parser.parse_args()
 
 
@@ -81,7 +82,11 @@ def main() -> None:
         memory_rows = json.load(f)['rows']
     print(summary_table(args.run, memory_rows))
     if args.study:
-        note = seed_spread_note(args.study, [variant for _, variant, _, _ in args.run])
+        study_file, *variants = args.study
+        if variants and len(variants) != len(args.run):
+            raise SystemExit(f'--study: give one study variant per --run ({len(args.run)}), '
+                             f'got {variants}')
+        note = seed_spread_note(study_file, variants or [v for _, v, _, _ in args.run])
         if note:
             print(note)
 
