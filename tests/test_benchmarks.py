@@ -250,6 +250,7 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.grad_scale=inverse_keep']
     assert tool.variant_options('sbp@0.5:neck=output') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(output,)']
+    assert tool.variant_options('sbp@0.5:neck=both')[1] == 'model.neck.sbp.convs=(lateral,output)'
     assert tool.variant_options('sbp@0.5:sbp_rpn_head') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head') == [

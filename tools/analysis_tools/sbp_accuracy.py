@@ -7,7 +7,8 @@ with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
 backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 (gradients scaled by 1/keep ratio in backbone and neck), ``:dense_neck``
 (mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
-``:neck=lateral`` / ``:neck=output`` (SBP on those neck convs only, the others dense),
+``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP on
+the lateral convs, the output convs or both, the others dense),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
 instead of the dense head: SBP in the head too) suffixes, e.g.
 ``sbp@0.5:random``.
@@ -29,6 +30,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+NECK_CONVS = {'neck=lateral': '(lateral,)', 'neck=output': '(output,)',
+              'neck=both': '(lateral,output)'}
 HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
                  'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
 
@@ -64,7 +67,7 @@ def variant_options(name: str) -> List[str]:
     if not head.startswith('sbp@'):
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
-                         '[:neck=lateral|:neck=output]'
+                         '[:neck=lateral|:neck=output|:neck=both]'
                          '[:sbp_rpn_head|:sbp_retina_head]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
@@ -80,8 +83,8 @@ def variant_options(name: str) -> List[str]:
             opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in parts]
         elif suffix == 'dense_neck':
             opts.append('model.neck.type=FPN')
-        elif suffix in ('neck=lateral', 'neck=output'):
-            opts.append(f'model.neck.sbp.convs=({suffix[5:]},)')
+        elif suffix in NECK_CONVS:
+            opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
         elif suffix in HEAD_SUFFIXES:
             opts.append(HEAD_SUFFIXES[suffix])
         else:
