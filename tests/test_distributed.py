@@ -118,3 +118,22 @@ def test_two_process_run_resumed_mid_epoch_repeats_losses_and_masks_of_every_ran
     assert len(masks[0]) == 6
     for mask_0, mask_1 in zip(masks[0], masks[1]):
         assert len(mask_0) == len(mask_1) and all(a != b for a, b in zip(mask_0, mask_1))
+
+
+def test_test_tool_has_the_metrics_file_written_by_the_main_process_only():
+    """mmengine's LoggerHook dumps the test metrics from every rank into one file;
+    tools/test.py swaps in MainProcessLoggerHook, built from mmdet's registry."""
+    from mmdet.registry import HOOKS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from sbp_mmdet.engine import MainProcessLoggerHook, use_main_process_logger
+    register_all_modules()
+    cfg = Config.fromfile(str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_synthetic.py'))
+    assert cfg.default_hooks.logger.type == 'LoggerHook'
+    use_main_process_logger(cfg)
+    hook = HOOKS.build(cfg.default_hooks.logger)
+    assert isinstance(hook, MainProcessLoggerHook) and hook.interval == 20
+    cfg.default_hooks.logger.type = 'TextLoggerHookOfMine'  # someone else's: left alone
+    use_main_process_logger(cfg)
+    assert cfg.default_hooks.logger.type == 'TextLoggerHookOfMine'

@@ -18,7 +18,7 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, ConfigDict, DictAction
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
-from sbp_mmdet.engine import setup_cpu_distributed
+from sbp_mmdet.engine import setup_cpu_distributed, use_main_process_logger
 from sbp_mmdet.utils import DatasetError, build_runner, check_dataset, load_tool_config
 
 
@@ -57,6 +57,7 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config of ``args.config`` with the command-line options applied."""
     cfg = load_tool_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
+    use_main_process_logger(cfg)  # one process writes the metrics file
 
     if args.show or args.show_dir:
         visualization = cfg.get('default_hooks', {}).get('visualization')

@@ -1,3 +1,5 @@
 from .cpu_ddp import CPUDistributedDataParallel, setup_cpu_distributed
+from .logger_hook import MainProcessLoggerHook, use_main_process_logger
 
-__all__ = ['CPUDistributedDataParallel', 'setup_cpu_distributed']
+__all__ = ['CPUDistributedDataParallel', 'setup_cpu_distributed', 'MainProcessLoggerHook',
+           'use_main_process_logger']
