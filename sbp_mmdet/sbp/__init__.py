@@ -21,7 +21,7 @@ from .config import SBPConfig
 from .context import SBPFeatures
 from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
-from .module import SBPModuleMixin
+from .module import SBPBackboneMixin, SBPModuleMixin
 from .norm import BatchNorm
 from .ops import (Add, ChannelsLast, ChannelSlice, Concat, ConvMix, DropPath, IdentityMix,
                   LayerScale, PoolMix, RowLocal, TailOp, relu)
@@ -32,6 +32,7 @@ from .state import SBPState
 
 __all__ = ['SBPConfig', 'MASK_POLICIES', 'MaskPolicy', 'MaskRequest', 'register_mask_policy',
            'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
-           'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin', 'ConvMix',
+           'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin',
+           'SBPBackboneMixin', 'ConvMix',
            'PoolMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
            'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

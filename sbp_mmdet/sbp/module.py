@@ -119,6 +119,34 @@ class SBPModuleMixin:
         return SBPState(iteration, stride, self.sbp_cfg)
 
 
+class SBPBackboneMixin(SBPModuleMixin):
+    """The forward of an SBP backbone: draws the iteration's mask and runs its layers.
+
+    A backbone subclasses it before its parent class and sets, in ``__init__``:
+    ``sbp_layer_inputs`` (``(layer, input stride)`` of its SBP layers),
+    ``sbp_base_stride`` (the coarsest stride they run at: the base mask's) and
+    ``stage_strides`` (the output stride of each stage, read with the parent's
+    ``out_indices``). Its training forward returns ``SBPFeatures``; in eval
+    mode and under ``torch.no_grad()`` it is the parent's forward.
+    """
+
+    sbp_layer_inputs: List[Tuple[nn.Module, int]] = []
+
+    def sbp_active(self) -> bool:
+        """Whether the next forward uses SBP."""
+        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_layer_inputs)
+
+    def forward(self, x: torch.Tensor):
+        if not self.sbp_training():
+            return super().forward(x)
+        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active(),
+                                  batch_size=x.shape[0])
+        with self.sbp_layers(iteration, self.sbp_layer_inputs):
+            outs = super().forward(x)
+        return SBPFeatures(outs, iteration,
+                           [self.stage_strides[i] for i in sorted(self.out_indices)])
+
+
 def stage_switches(name: str, stage_blocks: Sequence[int], frozen_stages: int,
                    stages: Optional[Sequence[bool]],
                    blocks: Optional[Sequence[Sequence[bool]]]) -> List[List[bool]]:

@@ -5,7 +5,7 @@ from mmdet.registry import MODELS
 from torch import Tensor, nn
 
 from ...sbp import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, RowLocal,
-                    SBPFeatures, SBPModuleMixin, SBPProgram, SBPState, Unit)
+                    SBPBackboneMixin, SBPProgram, SBPState, Unit)
 from ...sbp.module import stage_switches
 from .mmpretrain_convnext import ConvNeXt, ConvNeXtBlock
 
@@ -107,7 +107,7 @@ def _sbp_out_norm_class(norm_class: type) -> type:
 
 
 @MODELS.register_module()
-class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
+class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
     """mmpretrain's ConvNeXt whose blocks train with Stochastic Backpropagation.
 
     A drop-in replacement for ``mmpretrain.ConvNeXt`` in detectors (swap
@@ -195,17 +195,3 @@ class ConvNeXtSBP(SBPModuleMixin, ConvNeXt):
             if switches[-1] and i in self.out_indices:
                 layers.append((getattr(self, f'norm{i}'), self.stage_strides[i]))
         return layers
-
-    def sbp_active(self) -> bool:
-        """Whether the next forward uses SBP."""
-        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_layer_inputs)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if not self.sbp_training():
-            return super().forward(x)
-        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active(),
-                                  batch_size=x.shape[0])
-        with self.sbp_layers(iteration, self.sbp_layer_inputs):
-            outs = super().forward(x)
-        return SBPFeatures(outs, iteration,
-                           [self.stage_strides[i] for i in sorted(self.out_indices)])

@@ -6,8 +6,8 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet, ResNet
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPFeatures, SBPModuleMixin, SBPProgram, SBPState,
-                    Unit, conv_unit)
+from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit,
+                    conv_unit)
 from ...sbp.module import stage_layers, stage_switches
 
 
@@ -93,7 +93,7 @@ SBP_BLOCKS: Dict[type, type] = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottle
 """mmdet block class -> its SBP version (the backbones' modules add theirs)."""
 
 
-class SBPResNetMixin(SBPModuleMixin):
+class SBPResNetMixin(SBPBackboneMixin):
     """SBP for the blocks of mmdet's ``ResNet`` and its subclasses.
 
     A backbone subclasses it before its mmdet class (``ResNetSBP``,
@@ -116,9 +116,9 @@ class SBPResNetMixin(SBPModuleMixin):
         for name, stage in zip(self.res_layers, stages):
             for j, block in enumerate(stage):
                 block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
-        self.sbp_block_inputs = stage_layers(stages, self.sbp_blocks, self.stem_stride,
+        self.sbp_layer_inputs = stage_layers(stages, self.sbp_blocks, self.stem_stride,
                                              self.stage_strides)
-        for block, _ in self.sbp_block_inputs:  # fail at build time, naming the block
+        for block, _ in self.sbp_layer_inputs:  # fail at build time, naming the block
             self._check_sbp_block(block)
             block.sbp_program()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
@@ -136,20 +136,6 @@ class SBPResNetMixin(SBPModuleMixin):
     def make_res_layer(self, **kwargs) -> nn.Module:
         kwargs['block'] = SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
         return super().make_res_layer(**kwargs)
-
-    def sbp_active(self) -> bool:
-        """Whether the next forward uses SBP."""
-        return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_block_inputs)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if not self.sbp_training():
-            return super().forward(x)
-        iteration = self.sbp_draw(x.shape[2], self.sbp_base_stride, dense=not self.sbp_active(),
-                                  batch_size=x.shape[0])
-        with self.sbp_layers(iteration, self.sbp_block_inputs):
-            outs = super().forward(x)
-        return SBPFeatures(outs, iteration,
-                           [self.stage_strides[i] for i in sorted(self.out_indices)])
 
 
 @MODELS.register_module()
