@@ -1,6 +1,4 @@
 """RetinaNet head with Stochastic Backpropagation."""
-from typing import Optional
-
 from mmdet.models.dense_heads import RetinaHead
 from mmdet.registry import MODELS
 
@@ -23,11 +21,6 @@ class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
             with the mask it follows. Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RetinaHead``.
     """
-
-    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.init_sbp(sbp)
-        self.sbp_program()  # fail at build time on unsupported layers
 
     def sbp_program(self) -> SBPProgram:
         units = []

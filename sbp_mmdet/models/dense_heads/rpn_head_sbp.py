@@ -1,6 +1,4 @@
 """RPN head with Stochastic Backpropagation."""
-from typing import Optional
-
 from mmdet.models.dense_heads import RPNHead
 from mmdet.registry import MODELS
 
@@ -22,11 +20,6 @@ class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
             with the mask it follows. Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RPNHead``.
     """
-
-    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.init_sbp(sbp)
-        self.sbp_program()  # fail at build time on unsupported layers
 
     def sbp_program(self) -> SBPProgram:
         where = self.sbp_name

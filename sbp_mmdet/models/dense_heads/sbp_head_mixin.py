@@ -1,5 +1,5 @@
 """What SBP dense heads share: one program per FPN level, each with its stride's mask."""
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from torch import Tensor
 
@@ -13,9 +13,15 @@ class SBPDenseHeadMixin(SBPModuleMixin):
     neck's output): each level runs ``sbp_program()`` with the mask at its own
     stride; levels coarser than the base mask run densely (``forward_single``).
     A subclass declares ``sbp_program()``, whose outputs are those of
-    ``forward_single`` in order, and calls ``init_sbp`` in ``__init__``.
-    ``sbp=dict(...)`` keys: see ``SBPModuleMixin``.
+    ``forward_single`` in order; ``__init__`` takes the head's arguments plus
+    ``sbp`` (keys: see ``SBPModuleMixin``) and builds the program once, so that
+    unsupported layers fail at build time.
     """
+
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_sbp(sbp)
+        self.sbp_program()  # fail at build time on unsupported layers
 
     def sbp_program(self) -> SBPProgram:
         raise NotImplementedError
