@@ -1,6 +1,8 @@
 """Checks that need a whole detector config, not one module's."""
 from typing import Any, Mapping, Optional
 
+from mmdet.registry import MODELS
+
 from ..sbp import SBPConfig
 from .necks import FPNSBP
 from .sbp_types import SBP_BACKBONES, is_sbp_backbone, no_sbp_backbone_message, type_name
@@ -8,9 +10,6 @@ from .sbp_types import SBP_BACKBONES, is_sbp_backbone, no_sbp_backbone_message, 
 # The settings of an FPNSBP behind an SBP backbone that must equal the backbone's:
 # the neck uses the backbone's mask.
 SHARED_KEYS = ('keep_ratio', 'sampling', 'per_image')
-# SBP backbones and their own sbp keys
-BACKBONE_KEYS = {'ResNetSBP': ('stages', 'blocks'),
-                 'ConvNeXtSBP': ('stages', 'blocks', 'downsample')}
 
 
 def _is(module_cfg: Any, name: str) -> bool:
@@ -54,8 +53,7 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     neck_sbp = neck.get('sbp') or {}
     try:
         backbone_sbp, _ = SBPConfig.from_dict(
-            backbone.get('sbp'), BACKBONE_KEYS.get(backbone_name, ('stages', 'blocks')),
-            backbone_name)
+            backbone.get('sbp'), MODELS.get(backbone_name).sbp_extra_keys, backbone_name)
         SBPConfig.from_dict(neck_sbp, FPNSBP.sbp_extra_keys, 'FPNSBP')
     except (KeyError, TypeError, ValueError) as err:  # what building the modules would raise
         return str(err.args[0])

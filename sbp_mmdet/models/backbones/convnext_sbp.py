@@ -146,9 +146,11 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
         TypeError: for blocks SBP cannot run (GRN), naming the block.
     """
 
+    sbp_extra_keys = ('stages', 'blocks', 'downsample')
+
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        extra = self.init_sbp(sbp, ('stages', 'blocks', 'downsample'))
+        extra = self.init_sbp(sbp, self.sbp_extra_keys)
         if self.gap_before_final_norm:
             raise ValueError(f'{self.sbp_name}: gap_before_final_norm=True pools the outputs '
                              'to vectors; SBP needs feature maps: set it to False')

@@ -103,11 +103,12 @@ class SBPResNetMixin(SBPBackboneMixin):
     See ``ResNetSBP`` for the ``sbp`` keys.
     """
 
+    sbp_extra_keys = ('stages', 'blocks')
     stem_stride = 4
 
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        extra = self.init_sbp(sbp, ('stages', 'blocks'))
+        extra = self.init_sbp(sbp, self.sbp_extra_keys)
         self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
                                          extra.get('stages'), extra.get('blocks'))
         self.stage_strides = [self.stem_stride * math.prod(self.strides[:i + 1])
