@@ -137,3 +137,37 @@ def test_test_tool_has_the_metrics_file_written_by_the_main_process_only():
     cfg.default_hooks.logger.type = 'TextLoggerHookOfMine'  # someone else's: left alone
     use_main_process_logger(cfg)
     assert cfg.default_hooks.logger.type == 'TextLoggerHookOfMine'
+
+
+def test_close_distributed_releases_the_ddp_wrapper_and_destroys_the_process_group(tmp_path):
+    """A gloo group still referenced by a DDP wrapper at interpreter shutdown can
+    abort the process (SIGABRT); tools/train.py and tools/test.py end with
+    ``close_distributed(runner)``, which drops the wrapper, even from inside a
+    reference cycle, and destroys the group."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sbp_mmdet.engine import close_distributed
+
+    class Runner:  # the part of mmengine's Runner close_distributed touches
+        model = None
+
+    close_distributed(Runner())  # outside a distributed run: nothing to do
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}',
+                            rank=0, world_size=1)
+    try:
+        runner = Runner()
+        runner.model = DistributedDataParallel(nn.Linear(2, 2))
+        runner.itself = runner  # a cycle, as the Runner's hooks and loops make
+        wrapper = weakref.ref(runner.model)
+        close_distributed(runner)
+        del runner
+        assert wrapper() is None and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.collect()

@@ -18,7 +18,7 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, ConfigDict, DictAction
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
-from sbp_mmdet.engine import setup_cpu_distributed, use_main_process_logger
+from sbp_mmdet.engine import close_distributed, setup_cpu_distributed, use_main_process_logger
 from sbp_mmdet.utils import DatasetError, build_runner, check_dataset, load_tool_config
 
 
@@ -102,6 +102,7 @@ def main() -> None:
     if args.out is not None:
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
+    close_distributed(runner)  # before exit: gloo can abort at shutdown otherwise
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
-from sbp_mmdet.engine import setup_cpu_distributed
+from sbp_mmdet.engine import close_distributed, setup_cpu_distributed
 from sbp_mmdet.models import sbp_model_problem
 from sbp_mmdet.utils import (DatasetError, PretrainedNotFoundError, ResumeError, build_runner,
                              check_dataset, check_pretrained_weights, load_tool_config,
@@ -97,6 +97,7 @@ def main() -> None:
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = build_runner(cfg, args.config)
     runner.train()
+    close_distributed(runner)  # before exit: gloo can abort at shutdown otherwise
 
 
 if __name__ == '__main__':
