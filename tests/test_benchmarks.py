@@ -255,6 +255,10 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.bbox_head.type=RetinaHeadSBP']
+    assert tool.variant_options('sbp@0.5:neck=lateral:objects') == [
+        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(lateral,)',
+        'model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
+    assert tool.variant_options('sbp@0.5:per_image')[1] == 'model.backbone.sbp.per_image=True'
     for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
         with pytest.raises(ValueError, match='variant'):
             tool.variant_options(bad)

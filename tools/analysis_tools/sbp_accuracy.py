@@ -10,7 +10,9 @@ backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 ``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP on
 the lateral convs, the output convs or both, the others dense),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
-instead of the dense head: SBP in the head too) suffixes, e.g.
+instead of the dense head: SBP in the head too), ``:per_image`` (one mask per
+image) and ``:objects`` (per-image masks keeping the rows that cover
+ground-truth boxes first; the config needs ``SBPHook``) suffixes, e.g.
 ``sbp@0.5:random``.
 
 Example::
@@ -68,7 +70,7 @@ def variant_options(name: str) -> List[str]:
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
                          '[:neck=lateral|:neck=output|:neck=both]'
-                         '[:sbp_rpn_head|:sbp_retina_head]')
+                         '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -87,6 +89,10 @@ def variant_options(name: str) -> List[str]:
             opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
         elif suffix in HEAD_SUFFIXES:
             opts.append(HEAD_SUFFIXES[suffix])
+        elif suffix == 'per_image':
+            opts.append('model.backbone.sbp.per_image=True')
+        elif suffix == 'objects':
+            opts += ['model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
         else:
             raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
     return opts
