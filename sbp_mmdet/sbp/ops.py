@@ -4,6 +4,7 @@ A unit is one *row-mixing* op followed by a *tail* of row-local ops:
 
 - the row-mixing op (``ConvMix``: any ``nn.Conv2d``, whatever its kernel,
   stride, dilation or groups; ``PoolMix``: any ``nn.AvgPool2d``;
+  ``LinearMix``: a channel ``nn.Linear``, stored rather than re-run;
   ``IdentityMix``: none) says which input rows
   its output rows read (its halo, ``reads``) and runs forward and backward on
   packed rows (``rows.py``). Row sets are ``(R,)``, shared by the batch, or
@@ -145,6 +146,64 @@ def _pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: boo
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1  # the last window must start inside the map or its left padding
     return out
+
+
+class LinearMix:
+    """A channel ``nn.Linear`` on an ``(N, C, H, W)`` map as the leading op of a
+    unit (ConvNeXt's pointwise layers with ``linear_pw_conv=True``).
+
+    It reads no other rows (like a 1x1 conv), so it needs no halo. As a
+    unit's leading op its output is stored at the rows backward reads, and
+    backward runs the matrix products by hand on those rows: a ``Linear`` in a
+    tail would be re-run in backward instead. It runs on the channels-last
+    view, as ConvNeXt's block does, so that values and memory layout are the
+    block's.
+
+    Args:
+        linear: a plain ``nn.Linear``.
+        where: the layer's name, for errors.
+    """
+
+    stores = True
+    geometry = RowGeometry(kernel=1, stride=1, padding=0, dilation=1)
+
+    def __init__(self, linear: nn.Linear, where: str = 'linear') -> None:
+        if type(linear) is not nn.Linear:
+            raise TypeError(f'{where}: LinearMix supports nn.Linear, got {type(linear).__name__}')
+        self.linear = linear
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [self.linear.weight, self.linear.bias]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    reference = forward
+
+    def reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return out_rows
+
+    backward_reads = reads
+
+    def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
+        x = src.take(out_rows)
+        bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
+        return F.linear(x.permute(0, 2, 3, 1), self.linear.weight.to(x.dtype),
+                        bias).permute(0, 3, 1, 2)
+
+    def backward(self, src: Packed, out_rows: Tensor, grad: Tensor,
+                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+        weight, bias = self.linear.weight, self.linear.bias
+        x = src.take(out_rows).permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+        grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).to(x.dtype)
+        grad_w = grad_2d.t().mm(x) if weight.requires_grad else None
+        grad_b = grad_2d.sum(0) if bias is not None and bias.requires_grad else None
+        grad_in = None
+        if need_input:
+            n, _, num_rows, width = grad.shape
+            data = grad_2d.mm(weight.to(x.dtype)).reshape(n, num_rows, width, -1)
+            grad_in = Packed(data.permute(0, 3, 1, 2), out_rows, src.height)
+        return grad_in, [grad_w, grad_b]
 
 
 class IdentityMix:

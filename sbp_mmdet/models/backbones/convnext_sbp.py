@@ -4,8 +4,8 @@ from typing import Dict, List, Optional, Tuple
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from ...sbp import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, RowLocal,
-                    SBPBackboneMixin, SBPProgram, SBPState, Unit)
+from ...sbp import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, LinearMix,
+                    RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit)
 from ...sbp.module import stage_switches
 from .mmpretrain_convnext import ConvNeXt, ConvNeXtBlock
 
@@ -38,23 +38,36 @@ class _SBPLayerMixin:
 
 
 class SBPConvNeXtBlock(_SBPLayerMixin, ConvNeXtBlock):
-    """``ConvNeXtBlock`` as one SBP unit: 7x7 depthwise conv (3-row halo), then
-    LayerNorm, pointwise MLP, layer scale, DropPath and the residual add."""
+    """``ConvNeXtBlock`` as three SBP units: the 7x7 depthwise conv (3-row halo)
+    and LayerNorm; the first pointwise layer and its activation; the second
+    pointwise layer, layer scale, DropPath and the residual add. Each unit
+    stores its leading op's output at the kept rows, so backward re-runs only
+    the LayerNorm and the activation; with ``with_cp`` (``recompute``) it
+    stores the block input alone and re-runs the block on the kept rows."""
 
     def sbp_program(self) -> SBPProgram:
         if self.grn is not None:
             raise TypeError(f'{self.sbp_where}: SBP does not support GRN (use_grn=True, '
                             'ConvNeXt V2): its statistics span the whole map, not one row')
+        where = self.sbp_where
         if self.linear_pw_conv:
-            mlp = (ChannelsLast(_ChannelLastNorm(self.norm), self.pointwise_conv1, self.act,
-                                self.pointwise_conv2),)
+            # norm and activation on the channels-last tensor, as the block runs them:
+            # an activation on the (N, C, H, W) view of it can differ in the last bit
+            norm, act = ChannelsLast(_ChannelLastNorm(self.norm)), ChannelsLast(self.act)
+            pw1 = LinearMix(self.pointwise_conv1, where=f'{where}.pointwise_conv1')
+            pw2 = LinearMix(self.pointwise_conv2, where=f'{where}.pointwise_conv2')
         else:
-            mlp = tuple(RowLocal(fn) for fn in (self.norm, self.pointwise_conv1, self.act,
-                                                self.pointwise_conv2))
+            norm, act = RowLocal(self.norm), RowLocal(self.act)
+            pw1 = ConvMix(self.pointwise_conv1, where=f'{where}.pointwise_conv1')
+            pw2 = ConvMix(self.pointwise_conv2, where=f'{where}.pointwise_conv2')
         scale = (LayerScale(self.gamma),) if self.gamma is not None else ()
         drop = (DropPath(self.drop_path),) if not isinstance(self.drop_path, nn.Identity) else ()
-        mix = ConvMix(self.depthwise_conv, where=f'{self.sbp_where}.depthwise_conv')
-        return SBPProgram([Unit('block', 'input', mix, mlp + scale + drop + (Add('input'),))])
+        depthwise = ConvMix(self.depthwise_conv, where=f'{where}.depthwise_conv')
+        return SBPProgram([
+            Unit('depthwise', 'input', depthwise, (norm,)),
+            Unit('pointwise1', 'depthwise', pw1, (act,)),
+            Unit('pointwise2', 'pointwise1', pw2, scale + drop + (Add('input'),)),
+        ])
 
 
 class SBPNormConv(_SBPLayerMixin, nn.Sequential):
