@@ -7,7 +7,7 @@ from mmcv.cnn.bricks import DropPath as MMCVDropPath
 from torch import nn
 
 from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale,
-                           RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
+                           LinearMix, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
 
 from sbp_reference import reference_program
 from test_sbp_amp import assert_amp_close, run_three_ways
@@ -39,6 +39,15 @@ class ConvNeXtBlock(nn.Module):
                 LayerScale(self.gamma), DropPath(self.drop_path), Add('input'))
         return SBPProgram([Unit('block', 'input', ConvMix(self.dwconv), tail)])
 
+    def sbp_program_stored(self):
+        """The block as three units whose pointwise layers are stored (``LinearMix``),
+        as ``ConvNeXtSBP`` runs it."""
+        return SBPProgram([
+            Unit('depthwise', 'input', ConvMix(self.dwconv), (ChannelsLast(self.norm),)),
+            Unit('pointwise1', 'depthwise', LinearMix(self.pwconv1), (ChannelsLast(self.act),)),
+            Unit('pointwise2', 'pointwise1', LinearMix(self.pwconv2),
+                 (LayerScale(self.gamma), DropPath(self.drop_path), Add('input')))])
+
 
 def convnext():
     return nn.ModuleDict(dict(block=ConvNeXtBlock()))
@@ -46,6 +55,17 @@ def convnext():
 
 def convnext_program(m):
     return m['block'].sbp_program()
+
+
+def convnext_stored_program(m):
+    return m['block'].sbp_program_stored()
+
+
+def convnext_frozen_pointwise():
+    """A frozen first pointwise layer: no gradient for it, the input's still flows."""
+    modules = convnext()
+    modules['block'].pwconv1.requires_grad_(False)
+    return modules
 
 
 def act_block(act):
@@ -100,6 +120,8 @@ CASES = {
     '1x1_conv_then_bn_in_tail': (tail_conv_then_bn, tail_conv_then_bn_program),
     'layernorm_linear_no_mix': (mlp_after_conv, mlp_after_conv_program),
     'convnext_block': (convnext, convnext_program),
+    'convnext_block_linear_mix': (convnext, convnext_stored_program),
+    'linear_mix_frozen_weight': (convnext_frozen_pointwise, convnext_stored_program),
 }
 
 
@@ -132,7 +154,10 @@ def test_op_matches_the_reference(case, height, mask, recompute):
     assert torch.equal(y, y_ref)
     assert_grad_close(x.grad, x_ref.grad, 'input')
     for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
-        assert_grad_close(p.grad, q.grad, name)
+        if q.requires_grad:
+            assert_grad_close(p.grad, q.grad, name)
+        else:  # frozen: no gradient, as in the reference
+            assert p.grad is None and q.grad is None, name
     for a, b in zip(modules.buffers(), ref_modules.buffers()):
         assert torch.equal(a, b)  # running statistics updated once, identically
 
@@ -186,18 +211,46 @@ def test_convnext_block_stores_the_conv_output_and_input_at_kept_rows_only():
     assert meters['sbp'].total_bytes < 0.2 * meters['dense'].total_bytes
 
 
+def test_linear_mix_stores_its_output_at_kept_rows_and_backward_reruns_no_linear():
+    """The three-unit block stores, per kept row, its input (plus the 7x7 halo)
+    and each unit's leading output (C + 4C + C channels), nothing at dropped
+    rows; its backward calls no ``nn.Linear`` (the products run by hand)."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(channels=32, drop_prob=0.0).train()
+    n, c, h, w = 2, 32, 64, 16
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    it = iteration(MASKS['grid'])
+    kept = len(it.kept_rows(4, h))
+    meter = SavedTensorMeter(block)
+    with meter.measure():
+        out = block.sbp_program_stored()(x, it, 4)
+    halo_in = len(ConvMix(block.dwconv).reads(it.kept_rows(4, h), h))
+    assert meter.total_bytes <= 4 * n * w * (c * halo_in + 6 * c * kept)
+    calls = []
+    for linear in (block.pwconv1, block.pwconv2):
+        linear.register_forward_hook(lambda *args: calls.append(1))
+    out.sum().backward()
+    assert not calls and block.pwconv1.weight.grad is not None
+
+
+def test_linear_mix_takes_plain_linear_layers_only():
+    with pytest.raises(TypeError, match='pw: LinearMix supports nn.Linear, got Conv2d'):
+        LinearMix(nn.Conv2d(4, 4, 1), where='pw')
+
+
 def test_a_tail_conv_must_be_row_local():
     with pytest.raises(TypeError, match='must be 1x1, stride 1'):
         RowLocal(nn.Conv2d(4, 4, 3, padding=1))
 
 
-@pytest.mark.parametrize('case', ['convnext_block', 'gelu', 'layernorm_linear_no_mix'])
+@pytest.mark.parametrize('case', ['convnext_block', 'convnext_block_linear_mix', 'gelu',
+                                  'layernorm_linear_no_mix'])
 def test_tails_rerun_under_the_forward_autocast(case):
     """Under bf16 autocast the tail is re-run in the forward's precision: the
     output equals the reference's bit for bit, gradients are within autocast's
     own error of it (the tolerance of ``test_sbp_amp``)."""
     build, program_of = CASES[case]
-    if case == 'convnext_block':  # no DropPath: the three runs draw different masks
+    if case.startswith('convnext_block'):  # no DropPath: the three runs draw different masks
         def build():
             return nn.ModuleDict(dict(block=ConvNeXtBlock(drop_prob=0.0)))
     modules, inputs, outs = run_three_ways(build, program_of, (2, 8, 29, 7), 4,
