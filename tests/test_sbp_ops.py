@@ -191,22 +191,29 @@ def test_drop_path_backward_reuses_the_forward_mask():
     assert not torch.isclose(x.grad[~dropped], grad[~dropped]).all()
 
 
+def convnext_storage_case():
+    """A 32-channel block, its input (2, 32, 64, 16) and a grid iteration at
+    keep 0.5, with the kept rows and the rows the 7x7 conv reads for them."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(channels=32, drop_prob=0.0).train()
+    x = torch.randn(2, 32, 64, 16, requires_grad=True)
+    it = iteration(MASKS['grid'])
+    kept_rows = it.kept_rows(4, x.shape[2])
+    halo_in = len(ConvMix(block.dwconv).reads(kept_rows, x.shape[2]))
+    return block, x, it, len(kept_rows), halo_in
+
+
 def test_convnext_block_stores_the_conv_output_and_input_at_kept_rows_only():
     """At keep 0.5 the block stores its input on kept rows plus the 7x7 halo and
     the depthwise output on kept rows: nothing of the 4x wide MLP."""
-    torch.manual_seed(0)
-    block = ConvNeXtBlock(channels=32, drop_prob=0.0).train()
-    n, c, h, w = 2, 32, 64, 16
-    x = torch.randn(n, c, h, w, requires_grad=True)
-    it = iteration(MASKS['grid'])
-    kept = len(it.kept_rows(4, h))
+    block, x, it, kept, halo_in = convnext_storage_case()
+    n, c, _, w = x.shape
     meters = {}
     for name, run in (('dense', lambda: block(x)),
                       ('sbp', lambda: block.sbp_program()(x, it, 4))):
         meters[name] = SavedTensorMeter(block)
         with meters[name].measure():
             run()
-    halo_in = len(ConvMix(block.dwconv).reads(it.kept_rows(4, h), h))
     assert meters['sbp'].total_bytes <= 4 * n * c * w * (halo_in + kept)
     assert meters['sbp'].total_bytes < 0.2 * meters['dense'].total_bytes
 
@@ -215,16 +222,11 @@ def test_linear_mix_stores_its_output_at_kept_rows_and_backward_reruns_no_linear
     """The three-unit block stores, per kept row, its input (plus the 7x7 halo)
     and each unit's leading output (C + 4C + C channels), nothing at dropped
     rows; its backward calls no ``nn.Linear`` (the products run by hand)."""
-    torch.manual_seed(0)
-    block = ConvNeXtBlock(channels=32, drop_prob=0.0).train()
-    n, c, h, w = 2, 32, 64, 16
-    x = torch.randn(n, c, h, w, requires_grad=True)
-    it = iteration(MASKS['grid'])
-    kept = len(it.kept_rows(4, h))
+    block, x, it, kept, halo_in = convnext_storage_case()
+    n, c, _, w = x.shape
     meter = SavedTensorMeter(block)
     with meter.measure():
         out = block.sbp_program_stored()(x, it, 4)
-    halo_in = len(ConvMix(block.dwconv).reads(it.kept_rows(4, h), h))
     assert meter.total_bytes <= 4 * n * w * (c * halo_in + 6 * c * kept)
     calls = []
     for linear in (block.pwconv1, block.pwconv2):
