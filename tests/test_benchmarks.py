@@ -259,6 +259,8 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(lateral,)',
         'model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
     assert tool.variant_options('sbp@0.5:per_image')[1] == 'model.backbone.sbp.per_image=True'
+    assert tool.variant_options('sbp@0.75:recompute') == [
+        'model.backbone.sbp.keep_ratio=0.75', 'model.backbone.sbp.recompute=True']
     for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
         with pytest.raises(ValueError, match='variant'):
             tool.variant_options(bad)

@@ -11,8 +11,10 @@ backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 the lateral convs, the output convs or both, the others dense),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
 instead of the dense head: SBP in the head too), ``:per_image`` (one mask per
-image) and ``:objects`` (per-image masks keeping the rows that cover
-ground-truth boxes first; the config needs ``SBPHook``) suffixes, e.g.
+image), ``:objects`` (per-image masks keeping the rows that cover
+ground-truth boxes first; the config needs ``SBPHook``) and ``:recompute``
+(``sbp.recompute``: the same gradients at less memory, more backward time)
+suffixes, e.g.
 ``sbp@0.5:random``.
 
 Example::
@@ -70,7 +72,7 @@ def variant_options(name: str) -> List[str]:
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
                          '[:neck=lateral|:neck=output|:neck=both]'
-                         '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects]')
+                         '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects][:recompute]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -93,6 +95,8 @@ def variant_options(name: str) -> List[str]:
             opts.append('model.backbone.sbp.per_image=True')
         elif suffix == 'objects':
             opts += ['model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
+        elif suffix == 'recompute':
+            opts.append('model.backbone.sbp.recompute=True')
         else:
             raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
     return opts
