@@ -1,10 +1,14 @@
-"""Distributed data parallel training on CPU processes through mmengine's Runner."""
+"""Distributed runs through mmengine's Runner: data parallel training on CPU
+processes, and a clean end for any distributed run."""
 import gc
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
+
+if TYPE_CHECKING:
+    from mmengine.runner import Runner
 
 
 @MODEL_WRAPPERS.register_module()
@@ -61,7 +65,7 @@ def setup_cpu_distributed(cfg) -> bool:
     return True
 
 
-def close_distributed(runner) -> None:
+def close_distributed(runner: 'Runner') -> None:
     """End a distributed run cleanly: wait for every rank, drop the runner's
     DDP wrapper, destroy the default process group.
 
