@@ -8,8 +8,9 @@
 - ``rows``: convolutions at a subset of output rows (bands with halos).
 - ``norm``: BatchNorm at packed rows with full-map statistics.
 - ``ops``: what a unit is made of: a row-mixing op (a conv, an average
-  pool, a channel linear layer, or none) and a tail of row-local ops (norms, activations, 1x1
-  convs, adds, channel slices and concatenations, layer scale, DropPath).
+  pool, a channel linear layer, or none) and a tail of row-local ops
+  (norms, activations, 1x1 convs, adds, channel slices and concatenations,
+  layer scale, DropPath).
 - ``program``: SBP units and the autograd function that runs a block of them.
 - ``context``: ``SBPFeatures``, feature maps carrying the iteration's mask
   and their strides from one SBP module to the next.

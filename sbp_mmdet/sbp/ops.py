@@ -36,6 +36,8 @@ from torch.nn.modules.utils import _pair
 from .rows import Packed, RowGeometry, add_rows_, conv_rows, conv_rows_backward, gather_rows
 
 ParamGrads = List[Optional[Tensor]]
+# the geometry of ops whose output row i reads input row i only
+NO_HALO = RowGeometry(kernel=1, stride=1, padding=0, dilation=1)
 
 
 class ConvMix:
@@ -165,7 +167,7 @@ class LinearMix:
     """
 
     stores = True
-    geometry = RowGeometry(kernel=1, stride=1, padding=0, dilation=1)
+    geometry = NO_HALO
 
     def __init__(self, linear: nn.Linear, where: str = 'linear') -> None:
         if type(linear) is not nn.Linear:
@@ -210,7 +212,7 @@ class IdentityMix:
     """No row-mixing op: the tail reads the source directly (nothing stored)."""
 
     stores = False
-    geometry = RowGeometry(kernel=1, stride=1, padding=0, dilation=1)
+    geometry = NO_HALO
 
     def parameters(self) -> List[Optional[Tensor]]:
         return []

@@ -132,9 +132,8 @@ def run_plan(args, variant: str, seed: int) -> Tuple[str, List[str]]:
     return work, opts
 
 
-def finished_run(args, variant: str, seed: int) -> Optional[Dict]:
-    """The result of this run from its work dir, if it finished with the same options."""
-    work, opts = run_plan(args, variant, seed)
+def finished_run(work: str, opts: List[str]) -> Optional[Dict]:
+    """The result in run dir ``work``, if that run finished with options ``opts``."""
     result_file = os.path.join(work, 'result.json')
     if not os.path.exists(result_file):
         return None
@@ -146,7 +145,7 @@ def finished_run(args, variant: str, seed: int) -> Optional[Dict]:
 def train_and_test(args, variant: str, seed: int) -> Dict:
     work, opts = run_plan(args, variant, seed)
     result_file = os.path.join(work, 'result.json')
-    done = finished_run(args, variant, seed) if args.reuse else None
+    done = finished_run(work, opts) if args.reuse else None
     if done is not None:
         return done
     python = sys.executable
@@ -210,7 +209,7 @@ def main(argv=None):
     for i, (variant, seed) in enumerate(jobs, 1):
         print(f'[{i}/{len(jobs)}] {variant}, seed {seed}', flush=True)
         if args.summarise_only:
-            result = finished_run(args, variant, seed)
+            result = finished_run(*run_plan(args, variant, seed))
             if result is None:
                 missing.append(f'{variant} seed {seed}')
                 print('  missing (not finished in the work dir)', flush=True)
