@@ -29,8 +29,16 @@ def masked(t: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, t, t.detach())
 
 
+def weights_masked(conv: torch.nn.Conv2d, x: Tensor, out: Tensor, keep: Tensor) -> Tensor:
+    """``where(keep, conv(x, w), conv(x, w.detach()))``: SBP on the weights only,
+    the input's gradient exact (``exact_input_grad``); ``out`` is ``conv(x)``."""
+    bias = None if conv.bias is None else conv.bias.detach()
+    return torch.where(keep, out, conv._conv_forward(x, conv.weight.detach(), bias))
+
+
 def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
-                      stride: int) -> Union[Tensor, Tuple[Tensor, ...]]:
+                      stride: int, exact_input_grad: bool = False
+                      ) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Run ``program`` with plain autograd and per-unit keep masks."""
     values: Dict[str, Tensor] = {INPUT: x}
     strides = {INPUT: stride}
@@ -38,6 +46,9 @@ def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
         strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
         out = unit.mix.reference(values[unit.source])
         keep = row_mask(iteration, strides[unit.name], out)
+        if exact_input_grad:
+            values[unit.name] = weights_masked(unit.mix.conv, values[unit.source], out, keep)
+            continue
         out = masked(out, keep)
         for op in unit.tail:
             out = masked(op.reference(out, values.get(op.reads)), keep)
@@ -50,4 +61,12 @@ def masking_hooks(iteration: SBPIteration, stride_of: Callable[[Tensor], int]):
     """A forward hook that masks a module's output like an SBP unit output."""
     def hook(module, args, output):
         return masked(output, row_mask(iteration, stride_of(output), output))
+    return hook
+
+
+def weight_masking_hook(iteration: SBPIteration, stride_of: Callable[[Tensor], int]):
+    """A forward hook on an ``nn.Conv2d`` that masks it like ``exact_input_grad``."""
+    def hook(conv, args, output):
+        return weights_masked(conv, args[0], output, row_mask(iteration, stride_of(output),
+                                                              output))
     return hook

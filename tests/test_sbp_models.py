@@ -13,7 +13,7 @@ import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP, RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
-from sbp_reference import masking_hooks
+from sbp_reference import masking_hooks, weight_masking_hook
 
 STRIDES = (4, 8, 16, 32)
 
@@ -283,6 +283,51 @@ def test_neck_convs_choose_which_neck_convs_use_sbp(convs):
     loss.backward()
     ref_loss.backward()
     assert_grads_match(sbp_model, dense)
+
+
+@pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)]])
+def test_output_convs_with_exact_input_grad_equal_their_reference(shapes):
+    """``exact_input_grad=('output',)``: the output convs' weights learn on kept
+    rows, their inputs (the top-down path, the laterals, the backbone) get
+    every row's gradient; the whole detector equals that reference."""
+    cfg = small_faster_rcnn_cfg(True)
+    cfg.neck.sbp = dict(convs=('lateral', 'output'), exact_input_grad=('output',))
+    sbp_model = build_detector(cfg)
+    dense = build_detector(small_faster_rcnn_cfg(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, shapes)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    height = data['inputs'].shape[2]
+    covered = [i for i, stride in enumerate(STRIDES) if iteration.covers(stride)]
+    add_reference_hooks(enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+                        + [dense.neck.lateral_convs[i] for i in covered], iteration, height)
+    hook = weight_masking_hook(iteration, stride_from_height(height))
+    for i in covered:
+        dense.neck.fpn_convs[i].conv.register_forward_hook(hook)
+    ref_loss = total_loss(dense, data)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(sbp_model, dense)
+
+
+@pytest.mark.parametrize('exact,error', [
+    (('output',), r"sbp.exact_input_grad must be a sequence of conv groups that "
+                  r"sbp.convs=\('lateral',\) puts in SBP, got \('output',\)"),
+    ('output', r"got 'output'"),
+])
+def test_bad_exact_input_grad_is_refused_naming_the_groups(exact, error):
+    with pytest.raises(ValueError, match=f'FPNSBP: .*{error}'):
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2,
+               sbp=dict(convs=('lateral',), exact_input_grad=exact))
+
+
+def test_exact_input_grad_on_a_conv_with_norm_is_refused_at_build_time():
+    with pytest.raises(TypeError, match=r'FPNSBP\.fpn_convs\.0: exact input gradients need '
+                                        r'plain convolutions'):
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, norm_cfg=dict(type='BN'),
+               sbp=dict(convs=('lateral', 'output'), exact_input_grad=('output',)))
 
 
 @pytest.mark.parametrize('convs', [(), 'lateral', ('lateral', 'top_down')])

@@ -113,6 +113,63 @@ def test_conv_with_bias_and_no_norm_matches_the_reference(mask):
     assert_same(*compare(fpn_output, fpn_program, (2, 8, 19, 9), MASKS[mask]))
 
 
+def conv_pair(kernel=3, stride=1, bias=True) -> nn.ModuleDict:
+    return nn.ModuleDict(dict(
+        first=nn.Conv2d(8, 8, kernel, stride, kernel // 2, bias=bias),
+        second=nn.Conv2d(8, 6, 3, 1, 1)))
+
+
+def conv_pair_program(m) -> SBPProgram:
+    return SBPProgram([conv_unit('first', 'input', m['first']),
+                       conv_unit('second', 'first', m['second'])])
+
+
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('kernel,stride,bias', [(3, 1, True), (3, 2, False), (1, 1, True)])
+@pytest.mark.parametrize('height', [19, 1])
+def test_exact_input_grad_matches_its_reference_and_gives_the_dense_input_gradient(
+        mask, kernel, stride, bias, height):
+    """``exact_input_grad``: parameters learn on kept rows as with SBP, the input
+    gets every row's gradient (two chained convs: the first's too)."""
+    torch.manual_seed(0)
+    modules = conv_pair(kernel, stride, bias)
+    ref_modules, dense = copy.deepcopy(modules), copy.deepcopy(modules)
+    x = torch.randn(2, 8, height, 9, requires_grad=True)
+    x_ref, x_dense = (x.detach().clone().requires_grad_() for _ in range(2))
+    it = iteration(MASKS[mask])
+    y = conv_pair_program(modules)(x, it, 4, exact_input_grad=True)
+    y_ref = reference_program(conv_pair_program(ref_modules), x_ref, it, 4,
+                              exact_input_grad=True)
+    y_dense = dense['second'](dense['first'](x_dense))
+    grad = torch.randn_like(y)
+    for out in (y, y_ref, y_dense):
+        (out * grad).sum().backward()
+    assert torch.equal(y, y_dense)
+    assert_same(modules, ref_modules, x, x_ref, y, y_ref)
+    torch.testing.assert_close(x.grad, x_dense.grad)
+    if mask != 'all' and height > 1:  # the weights did not see the dropped rows
+        assert not torch.allclose(modules['first'].weight.grad, dense['first'].weight.grad)
+
+
+def test_exact_input_grad_stores_what_sbp_stores():
+    torch.manual_seed(0)
+    modules = conv_pair()
+    x = torch.randn(2, 8, 64, 16, requires_grad=True)
+    stored = []
+    for exact in (False, True):
+        meter = SavedTensorMeter(modules)
+        with meter.measure():
+            conv_pair_program(modules)(x, iteration(MASKS['grid']), 4, exact_input_grad=exact)
+        stored.append(meter.total_bytes)
+    assert stored[1] == stored[0] > 0
+
+
+def test_exact_input_grad_is_refused_for_units_with_a_tail():
+    error = r"block: exact input gradients need plain convolutions.*unit 'conv1' is ConvMix"
+    with pytest.raises(TypeError, match=error + r" \+ \['BatchNorm', 'RowLocal'\]"):
+        bottleneck_program(bottleneck()).check_exact_input_grad('block')
+
+
 def test_full_mask_is_plain_backprop():
     torch.manual_seed(0)
     modules = bottleneck()

@@ -81,6 +81,16 @@ class ConvMix:
         grad_in, grad_w, grad_b = conv_rows_backward(self.conv, src, out_rows, grad, need_input)
         return grad_in, [grad_w, grad_b]
 
+    def input_grad(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
+        """The gradient of the whole input from that of every output row.
+
+        It reads the weights only, no stored input: what lets a unit give its
+        input the exact gradient while its parameters learn on the kept rows.
+        """
+        conv = self.conv
+        return torch.nn.grad.conv2d_input(in_shape, conv.weight.to(grad.dtype), grad,
+                                          conv.stride, conv.padding, conv.dilation, conv.groups)
+
 
 class PoolMix:
     """An ``nn.AvgPool2d`` as the row-mixing op of a unit (e.g. the

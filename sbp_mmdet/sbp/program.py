@@ -23,6 +23,15 @@ With ``recompute=True`` only the units that feed a k x k convolution keep their
 with checkpointing on the kept region). A unit without a row-mixing op stores
 nothing: its ``z`` is its source.
 
+With ``exact_input_grad=True`` a program of plain convolutions (units without
+a tail, e.g. the FPN's output convs) gives its input the exact gradient of
+every row, computed from the weights alone, while its parameters' gradients
+come from the kept rows: each unit behaves like
+
+    y = where(keep, conv(x, w), conv(x, w.detach()))
+
+so it stores what SBP stores but cuts no gradient path to the layers before it.
+
 Mixed precision: under ``torch.autocast`` a program runs the way autocast runs
 the dense layers. Convolutions compute in the autocast dtype (fp16 on CUDA,
 bf16 on the CPU) and what is stored (packed inputs, pre-norm conv outputs) is
@@ -130,15 +139,32 @@ class SBPProgram:
             strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
         return max(strides.values())
 
+    def check_exact_input_grad(self, where: str) -> None:
+        """Raise unless the program can give its input the exact gradient.
+
+        Raises:
+            TypeError: when a unit has a tail (a norm, an activation, an add)
+                or a row-mixing op other than a convolution, naming ``where``.
+        """
+        for unit in self.units:
+            if unit.tail or not hasattr(unit.mix, 'input_grad'):
+                raise TypeError(
+                    f'{where}: exact input gradients need plain convolutions without norm, '
+                    f'activation or residual add; unit {unit.name!r} is '
+                    f'{type(unit.mix).__name__} + {[type(op).__name__ for op in unit.tail]}')
+
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
-                 recompute: bool = False,
-                 grad_scale: str = 'none') -> Union[Tensor, Tuple[Tensor, ...]]:
+                 recompute: bool = False, grad_scale: str = 'none',
+                 exact_input_grad: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
         """Run the program with SBP on ``x`` (a map at ``stride``)."""
         for unit in self.units:
             for op in unit.tail:
                 if isinstance(op, BatchNorm):
                     op.check_call()
-        run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x))
+        if exact_input_grad:
+            self.check_exact_input_grad(self.units[0].name)
+        run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x),
+                   exact_input_grad)
         outs = _SBPFunction.apply(run, x, *self.parameters())
         return outs[0] if len(self.outputs) == 1 else outs
 
@@ -155,7 +181,8 @@ class _Run:
     """One call of a program: plans rows, stores what backward needs."""
 
     def __init__(self, program: SBPProgram, iteration: SBPIteration, stride: int,
-                 recompute: bool, grad_scale: str, dtype: torch.dtype) -> None:
+                 recompute: bool, grad_scale: str, dtype: torch.dtype,
+                 exact_input_grad: bool = False) -> None:
         self.program = program
         self.units = {unit.name: unit for unit in program.units}
         self.iteration = iteration
@@ -163,11 +190,12 @@ class _Run:
         self.recompute = recompute
         self.grad_scale = grad_scale
         self.dtype = dtype
+        self.exact_input_grad = exact_input_grad
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         values: Dict[str, Tensor] = {INPUT: x}
-        self.heights = {INPUT: x.shape[2]}
+        self.shapes = {INPUT: x.shape}
         self.strides = {INPUT: self.in_stride}
         self.states: Dict[str, list] = {}
         mixed: Dict[str, Tensor] = {}
@@ -179,9 +207,9 @@ class _Run:
                 states.append(state)
             values[unit.name], mixed[unit.name] = out, z
             self.states[unit.name] = states
-            self.heights[unit.name] = out.shape[2]
+            self.shapes[unit.name] = out.shape
             self.strides[unit.name] = self.strides[unit.source] * unit.mix.geometry.stride
-        self.shape = x.shape
+        self.heights = {name: shape[2] for name, shape in self.shapes.items()}
         self.input_dtype = x.dtype
         self.needs_input_grad = x.requires_grad
         self.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -234,27 +262,64 @@ class _Run:
     # --------------------------------------------------------------- backward
     def backward(self, grad_outputs: Sequence[Tensor]
                  ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
-        units = self.program.units
+        mixed = self._restore_mixed()
+        if self.exact_input_grad:
+            grad_input, param_grads = self._exact_input_backward(mixed, grad_outputs)
+        else:
+            grad_input, param_grads = self._kept_rows_backward(mixed, grad_outputs)
+        param_grads = [None if g is None else g.to(p.dtype)
+                       for g, p in zip(param_grads, self.program.parameters())]
+        return None if grad_input is None else grad_input.to(self.input_dtype), param_grads
+
+    def _restore_mixed(self) -> Dict[str, Packed]:
+        """The stored row-mixing outputs, plus those recomputed in program order."""
         mixed = dict(self.saved)
-        for unit in units:  # recompute what was not stored, in program order
+        for unit in self.program.units:
             if unit.name not in mixed and unit.name in self.mixed_rows:
                 rows = self.mixed_rows[unit.name]
                 source = self._value(unit.source, mixed,
                                      unit.mix.reads(rows, self.heights[unit.source]))
                 mixed[unit.name] = Packed(unit.mix.rows(source, rows), rows,
                                           self.heights[unit.name])
+        return mixed
+
+    def _kept_rows_backward(self, mixed: Dict[str, Packed], grad_outputs: Sequence[Tensor]
+                            ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
+        """SBP's backward: gradients flow through the kept rows only."""
         grads: Dict[str, Tensor] = {}
         for name, grad in zip(self.program.outputs, grad_outputs):
             self._accumulate(name, self.kept[name], gather_rows(grad, self.kept[name]), grads,
                              None)
-        grad_input = grad_outputs[0].new_zeros(self.shape, dtype=self.dtype) \
+        grad_input = grad_outputs[0].new_zeros(self.shapes[INPUT], dtype=self.dtype) \
             if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
-        for unit in reversed(units):
+        for unit in reversed(self.program.units):
             param_grads[:0] = self._unit_backward(unit, mixed, grads, grad_input)
-        param_grads = [None if g is None else g.to(p.dtype)
-                       for g, p in zip(param_grads, self.program.parameters())]
-        return None if grad_input is None else grad_input.to(self.input_dtype), param_grads
+        return grad_input, param_grads
+
+    def _exact_input_backward(self, mixed: Dict[str, Packed], grad_outputs: Sequence[Tensor]
+                              ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
+        """Every row's gradient flows to the input; parameters learn on the kept rows."""
+        grads = {name: grad.to(self.dtype) for name, grad in zip(self.program.outputs,
+                                                                 grad_outputs)}
+        param_grads: List[Optional[Tensor]] = []
+        for unit in reversed(self.program.units):
+            grad, kept = grads.pop(unit.name, None), self.kept[unit.name]
+            unit_grads: List[Optional[Tensor]] = [None] * len(unit.parameters())
+            if grad is not None and kept.shape[-1]:
+                source = self._value(unit.source, mixed, unit.mix.backward_reads(
+                    kept, self.heights[unit.source]))
+                _, unit_grads = unit.mix.backward(source, kept, gather_rows(grad, kept), False)
+                unit_grads = self._scaled(unit, kept, unit_grads)
+            param_grads[:0] = unit_grads
+            if grad is not None and (unit.source != INPUT or self.needs_input_grad):
+                grad_src = unit.mix.input_grad(grad, self.shapes[unit.source])
+                grads[unit.source] = grad_src + grads[unit.source] \
+                    if unit.source in grads else grad_src
+        grad_input = grads.pop(INPUT, None)
+        if grad_input is None and self.needs_input_grad:
+            grad_input = grad_outputs[0].new_zeros(self.shapes[INPUT], dtype=self.dtype)
+        return grad_input, param_grads
 
     def _autocast(self) -> torch.autocast:
         """The forward pass's autocast state, for re-running tails."""
@@ -291,7 +356,11 @@ class _Run:
         grad_src, mix_grads = unit.mix.backward(source, kept, grad, need_input)
         if grad_src is not None:
             self._accumulate(unit.source, grad_src.rows, grad_src.data, grads, grad_input)
-        param_grads = mix_grads + tail_grads  # adds have no parameters
+        return self._scaled(unit, kept, mix_grads + tail_grads)  # adds have no parameters
+
+    def _scaled(self, unit: Unit, kept: Tensor,
+                param_grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        """``param_grads`` of ``unit`` with ``grad_scale`` applied."""
         if self.grad_scale == 'inverse_keep':
             scale = self.heights[unit.name] / kept.shape[-1]
             return [None if g is None else g * scale for g in param_grads]

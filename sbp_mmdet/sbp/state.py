@@ -24,9 +24,10 @@ class SBPState:
     stride: int
     cfg: SBPConfig
 
-    def run(self, program: SBPProgram, x: Tensor, recompute: bool = False) -> Tensor:
+    def run(self, program: SBPProgram, x: Tensor, recompute: bool = False,
+            exact_input_grad: bool = False) -> Tensor:
         return program(x, self.iteration, self.stride, recompute=self.cfg.recompute or recompute,
-                       grad_scale=self.cfg.grad_scale)
+                       grad_scale=self.cfg.grad_scale, exact_input_grad=exact_input_grad)
 
 
 @contextmanager

@@ -9,6 +9,8 @@ backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 (mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
 ``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP on
 the lateral convs, the output convs or both, the others dense),
+``:exact_output`` (with ``:neck=both``: the output convs' SBP on their weight
+gradients only, their inputs get the exact gradient; ``sbp.exact_input_grad``),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
 instead of the dense head: SBP in the head too), ``:per_image`` (one mask per
 image), ``:objects`` (per-image masks keeping the rows that cover
@@ -71,7 +73,7 @@ def variant_options(name: str) -> List[str]:
     if not head.startswith('sbp@'):
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
-                         '[:neck=lateral|:neck=output|:neck=both]'
+                         '[:neck=lateral|:neck=output|:neck=both][:exact_output]'
                          '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects][:recompute]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
@@ -89,6 +91,8 @@ def variant_options(name: str) -> List[str]:
             opts.append('model.neck.type=FPN')
         elif suffix in NECK_CONVS:
             opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
+        elif suffix == 'exact_output':
+            opts.append('model.neck.sbp.exact_input_grad=(output,)')
         elif suffix in HEAD_SUFFIXES:
             opts.append(HEAD_SUFFIXES[suffix])
         elif suffix == 'per_image':

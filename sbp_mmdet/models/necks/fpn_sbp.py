@@ -47,20 +47,28 @@ class FPNSBP(SBPModuleMixin, FPN):
             backbone's dense last stage, which cost 2-3 mAP points in the
             accuracy study, for 2 % of dense's saved bytes (Faster R-CNN R50
             at 800x1344: 0.64x with the laterals only, 0.61x with both).
+            ``exact_input_grad`` (sequence of groups among ``convs``, default
+            ``()``): SBP on those convs' weight gradients only. Their input
+            gets the exact gradient of every row, computed from the weights
+            (no stored activations), so they store what SBP stores without
+            cutting the gradient path into the top-down path and backbone.
             Default: None.
         **kwargs: the arguments of ``mmdet.models.FPN``.
     """
 
-    sbp_extra_keys = ('own_mask', 'convs')
+    sbp_extra_keys = ('own_mask', 'convs', 'exact_input_grad')
 
     def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(**kwargs)
         extra = self.init_sbp(sbp, self.sbp_extra_keys)
         self.own_mask = bool(extra.get('own_mask', False))
-        self.sbp_conv_groups = self._conv_groups(extra.get('convs', DEFAULT_CONVS))
+        convs = extra.get('convs', DEFAULT_CONVS)
+        self.sbp_conv_groups = self._conv_groups(convs)
+        exact = self._exact_input_groups(extra.get('exact_input_grad', ()), convs)
         for kind in self.sbp_conv_groups:
             for i, module in enumerate(getattr(self, kind)):
-                SBPConvModule.adopt(module, f'{self.sbp_name}.{kind}.{i}')
+                SBPConvModule.adopt(module, f'{self.sbp_name}.{kind}.{i}',
+                                    exact_input_grad=kind in exact)
 
     def _conv_groups(self, convs: Sequence[str]) -> Tuple[str, ...]:
         """The attribute names of the conv groups ``sbp.convs`` asks SBP on."""
@@ -68,6 +76,14 @@ class FPNSBP(SBPModuleMixin, FPN):
             raise ValueError(f'{self.sbp_name}: sbp.convs must be a non-empty sequence of '
                              f'{tuple(CONV_GROUPS)}, got {convs!r} (for a dense neck use FPN)')
         return tuple(CONV_GROUPS[c] for c in CONV_GROUPS if c in convs)
+
+    def _exact_input_groups(self, exact: Sequence[str], convs: Sequence[str]) -> Tuple[str, ...]:
+        """The attribute names of the groups ``sbp.exact_input_grad`` names."""
+        if isinstance(exact, str) or not all(c in convs for c in exact):
+            raise ValueError(f'{self.sbp_name}: sbp.exact_input_grad must be a sequence of '
+                             f'conv groups that sbp.convs={tuple(convs)!r} puts in SBP, '
+                             f'got {exact!r}')
+        return tuple(CONV_GROUPS[c] for c in exact)
 
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
         if not self.sbp_training():
