@@ -8,9 +8,10 @@ plain module calls (``reference``), for the tests.
 from typing import Callable, Dict, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from sbp_mmdet.sbp import SBPIteration, SBPProgram
+from sbp_mmdet.sbp import BatchNorm, SBPIteration, SBPProgram
 from sbp_mmdet.sbp.program import INPUT
 
 
@@ -36,6 +37,17 @@ def weights_masked(conv: torch.nn.Conv2d, x: Tensor, out: Tensor, keep: Tensor) 
     return torch.where(keep, out, conv._conv_forward(x, conv.weight.detach(), bias))
 
 
+def _detached_params(op, x: Tensor, other) -> Tensor:
+    """A tail op's value with its parameters detached (eval-mode BatchNorm,
+    adds and ReLUs: the ops ``exact_input_grad`` runs)."""
+    if isinstance(op, BatchNorm):
+        norm = op.norm
+        assert not norm.training
+        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight.detach(),
+                            norm.bias.detach(), False, 0.0, norm.eps)
+    return op.reference(x, other)
+
+
 def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
                       stride: int, exact_input_grad: bool = False
                       ) -> Union[Tensor, Tuple[Tensor, ...]]:
@@ -46,8 +58,12 @@ def reference_program(program: SBPProgram, x: Tensor, iteration: SBPIteration,
         strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
         out = unit.mix.reference(values[unit.source])
         keep = row_mask(iteration, strides[unit.name], out)
-        if exact_input_grad:
-            values[unit.name] = weights_masked(unit.mix.conv, values[unit.source], out, keep)
+        if exact_input_grad:  # a conv, then eval-mode BatchNorm, adds, ReLUs
+            out = weights_masked(unit.mix.conv, values[unit.source], out, keep)
+            for op in unit.tail:
+                other = values.get(op.reads)
+                out = torch.where(keep, op.reference(out, other), _detached_params(op, out, other))
+            values[unit.name] = out
             continue
         out = masked(out, keep)
         for op in unit.tail:

@@ -9,7 +9,7 @@ from mmengine.hub import get_config
 from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter
 
-from sbp_reference import masked, row_mask
+from sbp_reference import masked, row_mask, weight_masking_hook
 from test_sbp_models import (add_reference_hooks, assert_grads_match, build_detector,
                              enabled_blocks, preprocessed_batch, small_faster_rcnn_cfg, total_loss)
 
@@ -31,6 +31,15 @@ def faster_rcnn_cfg(sbp: bool) -> dict:
     cfg = small_faster_rcnn_cfg(sbp)
     if sbp:
         cfg.rpn_head.type = 'RPNHeadSBP'
+    return cfg
+
+
+def exact_input_grad_cfg(detector: str) -> dict:
+    """SBP heads and FPN output convs on their weight gradients only."""
+    cfg = faster_rcnn_cfg(True) if detector == 'faster_rcnn' else small_retinanet_cfg(True)
+    cfg.neck.sbp = dict(convs=('lateral', 'output'), exact_input_grad=('output',))
+    (cfg.rpn_head if detector == 'faster_rcnn' else cfg.bbox_head).sbp = dict(
+        exact_input_grad=True)
     return cfg
 
 
@@ -82,6 +91,55 @@ def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shap
     loss.backward()
     ref_loss.backward()
     assert_grads_match(sbp_model, dense)
+
+
+@pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)], [(20, 28)] * 2])
+@pytest.mark.parametrize('detector', ['faster_rcnn', 'retinanet'])
+def test_heads_and_output_convs_with_exact_input_grad_equal_their_reference(detector, shapes):
+    """Heads and FPN output convs with ``exact_input_grad``: their convs' weights
+    learn on kept rows, everything before them gets every row's gradient."""
+    sbp_model = build_detector(exact_input_grad_cfg(detector))
+    dense = build_detector(faster_rcnn_cfg(False) if detector == 'faster_rcnn'
+                           else small_retinanet_cfg(False))
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, shapes)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    height = data['inputs'].shape[2]
+    levels = [(0, 4), (1, 8), (2, 16), (3, 32)] if detector == 'faster_rcnn' else \
+        [(0, 8), (1, 16), (2, 32)]
+    add_reference_hooks(enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+                        + [dense.neck.lateral_convs[i] for i, stride in levels
+                           if iteration.covers(stride)], iteration, height)
+    hook = weight_masking_hook(iteration, lambda out: next(
+        s for s in (4, 8, 16, 32, 64, 128) if math.ceil(height / s) == out.shape[2]))
+    head = dense.rpn_head if detector == 'faster_rcnn' else dense.bbox_head
+    covered = [m for i, stride in levels if iteration.covers(stride)
+               for m in [dense.neck.fpn_convs[i].conv]]
+    for conv in covered:
+        conv.register_forward_hook(hook)
+
+    def head_hook(conv, args, output):  # the head's convs on the covered levels only
+        stride = next(s for s in (4, 8, 16, 32, 64, 128) if math.ceil(height / s) ==
+                      output.shape[2])
+        return hook(conv, args, output) if iteration.covers(stride) else output
+    for m in head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(head_hook)
+    ref_loss = total_loss(dense, data)
+    assert torch.equal(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(sbp_model, dense)
+
+
+def test_exact_input_grad_of_a_head_is_checked_at_build_time():
+    with pytest.raises(TypeError, match="sbp.exact_input_grad must be True or False, got 'yes'"):
+        RPNHeadSBP(in_channels=16, feat_channels=16, sbp=dict(exact_input_grad='yes'))
+    with pytest.raises(TypeError, match='RetinaHeadSBP.cls_convs.0: exact input gradients need '
+                                        'BatchNorm in eval mode'):
+        RetinaHeadSBP(num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
+                      norm_cfg=dict(type='BN'), sbp=dict(exact_input_grad=True))
 
 
 @pytest.mark.parametrize('sbp_cls,dense_cls,kwargs', [

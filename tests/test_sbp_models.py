@@ -312,9 +312,43 @@ def test_output_convs_with_exact_input_grad_equal_their_reference(shapes):
     assert_grads_match(sbp_model, dense)
 
 
+@pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)]])
+def test_exact_input_grad_everywhere_gives_the_dense_gradient_to_every_activation(shapes):
+    """Backbone (norm_eval), neck and RPN head with ``exact_input_grad``: no
+    gradient path is cut, so the image, the dense last stage and the RoI head
+    get dense's gradients exactly; only the SBP layers' parameters differ."""
+    cfg = small_faster_rcnn_cfg(True)
+    cfg.backbone.update(norm_eval=True, sbp=dict(keep_ratio=0.5, exact_input_grad=True))
+    cfg.neck.sbp = dict(convs=('lateral', 'output'), exact_input_grad=True)
+    cfg.rpn_head.update(type='RPNHeadSBP', sbp=dict(exact_input_grad=True))
+    sbp_model = build_detector(cfg)
+    dense_cfg = small_faster_rcnn_cfg(False)
+    dense_cfg.backbone.norm_eval = True
+    dense = build_detector(dense_cfg)
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, shapes)
+    images = {}
+    for name, model in (('sbp', sbp_model), ('dense', dense)):
+        images[name] = data['inputs'].clone().requires_grad_()
+        loss = total_loss(model, dict(data, inputs=images[name]))
+        loss.backward()
+        images[name + '_loss'] = loss
+    assert torch.equal(images['sbp_loss'], images['dense_loss'])
+    assert_grad_close(images['sbp'].grad, images['dense'].grad, 'image')
+    differ = []
+    for (name, p), (_, q) in zip(sbp_model.named_parameters(), dense.named_parameters()):
+        if name.startswith(('backbone.layer4', 'roi_head')):
+            assert_grad_close(p.grad, q.grad, name)
+        elif p.grad is not None and not torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6):
+            differ.append(name)
+    assert any(n.startswith('backbone.layer2') for n in differ)
+    assert any(n.startswith('neck.fpn_convs') for n in differ)
+    assert any(n.startswith('rpn_head') for n in differ)
+
+
 @pytest.mark.parametrize('exact,error', [
-    (('output',), r"sbp.exact_input_grad must be a sequence of conv groups that "
-                  r"sbp.convs=\('lateral',\) puts in SBP, got \('output',\)"),
+    (('output',), r"sbp.exact_input_grad must be True, False or a sequence of conv groups "
+                  r"that sbp.convs=\('lateral',\) puts in SBP, got \('output',\)"),
     ('output', r"got 'output'"),
 ])
 def test_bad_exact_input_grad_is_refused_naming_the_groups(exact, error):
@@ -325,7 +359,7 @@ def test_bad_exact_input_grad_is_refused_naming_the_groups(exact, error):
 
 def test_exact_input_grad_on_a_conv_with_norm_is_refused_at_build_time():
     with pytest.raises(TypeError, match=r'FPNSBP\.fpn_convs\.0: exact input gradients need '
-                                        r'plain convolutions'):
+                                        r'BatchNorm in eval mode'):
         FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, norm_cfg=dict(type='BN'),
                sbp=dict(convs=('lateral', 'output'), exact_input_grad=('output',)))
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration, SBPProgram, conv_unit
+from sbp_mmdet.sbp import RowLocal, SavedTensorMeter, SBPIteration, SBPProgram, conv_unit
 
 from sbp_reference import reference_program
 
@@ -119,28 +119,31 @@ def conv_pair(kernel=3, stride=1, bias=True) -> nn.ModuleDict:
         second=nn.Conv2d(8, 6, 3, 1, 1)))
 
 
-def conv_pair_program(m) -> SBPProgram:
-    return SBPProgram([conv_unit('first', 'input', m['first']),
+def conv_pair_program(m, relu_between=False) -> SBPProgram:
+    return SBPProgram([conv_unit('first', 'input', m['first'], relu_after=relu_between),
                        conv_unit('second', 'first', m['second'])])
 
 
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
 @pytest.mark.parametrize('kernel,stride,bias', [(3, 1, True), (3, 2, False), (1, 1, True)])
 @pytest.mark.parametrize('height', [19, 1])
+@pytest.mark.parametrize('relu_between', [False, True], ids=['conv_conv', 'conv_relu_conv'])
 def test_exact_input_grad_matches_its_reference_and_gives_the_dense_input_gradient(
-        mask, kernel, stride, bias, height):
+        mask, kernel, stride, bias, height, relu_between):
     """``exact_input_grad``: parameters learn on kept rows as with SBP, the input
-    gets every row's gradient (two chained convs: the first's too)."""
+    gets every row's gradient (two chained convs, with or without a ReLU
+    between them, as in a head's tower: the first's too)."""
     torch.manual_seed(0)
     modules = conv_pair(kernel, stride, bias)
     ref_modules, dense = copy.deepcopy(modules), copy.deepcopy(modules)
     x = torch.randn(2, 8, height, 9, requires_grad=True)
     x_ref, x_dense = (x.detach().clone().requires_grad_() for _ in range(2))
     it = iteration(MASKS[mask])
-    y = conv_pair_program(modules)(x, it, 4, exact_input_grad=True)
-    y_ref = reference_program(conv_pair_program(ref_modules), x_ref, it, 4,
+    y = conv_pair_program(modules, relu_between)(x, it, 4, exact_input_grad=True)
+    y_ref = reference_program(conv_pair_program(ref_modules, relu_between), x_ref, it, 4,
                               exact_input_grad=True)
-    y_dense = dense['second'](dense['first'](x_dense))
+    first = dense['first'](x_dense)
+    y_dense = dense['second'](torch.relu(first) if relu_between else first)
     grad = torch.randn_like(y)
     for out in (y, y_ref, y_dense):
         (out * grad).sum().backward()
@@ -151,23 +154,61 @@ def test_exact_input_grad_matches_its_reference_and_gives_the_dense_input_gradie
         assert not torch.allclose(modules['first'].weight.grad, dense['first'].weight.grad)
 
 
-def test_exact_input_grad_stores_what_sbp_stores():
+def test_exact_input_grad_stores_what_sbp_stores_plus_one_bit_per_relu_output():
     torch.manual_seed(0)
     modules = conv_pair()
     x = torch.randn(2, 8, 64, 16, requires_grad=True)
-    stored = []
-    for exact in (False, True):
-        meter = SavedTensorMeter(modules)
-        with meter.measure():
-            conv_pair_program(modules)(x, iteration(MASKS['grid']), 4, exact_input_grad=exact)
-        stored.append(meter.total_bytes)
-    assert stored[1] == stored[0] > 0
+    stored = {}
+    for relu_between in (False, True):
+        for exact in (False, True):
+            meter = SavedTensorMeter(modules)
+            with meter.measure():
+                conv_pair_program(modules, relu_between)(x, iteration(MASKS['grid']), 4,
+                                                         exact_input_grad=exact)
+            stored[relu_between, exact] = meter.total_bytes
+    assert stored[False, True] == stored[False, False] > 0
+    assert stored[True, True] == stored[True, False] + x.numel() // 8  # first: 8 -> 8 channels
 
 
-def test_exact_input_grad_is_refused_for_units_with_a_tail():
-    error = r"block: exact input gradients need plain convolutions.*unit 'conv1' is ConvMix"
-    with pytest.raises(TypeError, match=error + r" \+ \['BatchNorm', 'RowLocal'\]"):
-        bottleneck_program(bottleneck()).check_exact_input_grad('block')
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [32, 29, 3])
+def test_exact_input_grad_through_eval_mode_bottleneck_matches_its_reference(
+        recompute, mask, height):
+    """A ResNet bottleneck with norm_eval (BN, residual add, ReLU): the input
+    gets the dense gradient, parameters learn on the kept rows."""
+    torch.manual_seed(0)
+    modules = bottleneck(train=False)
+    ref_modules, dense = copy.deepcopy(modules), copy.deepcopy(modules)
+    x = torch.randn(2, 16, height, 11, requires_grad=True)
+    x_ref, x_dense = (x.detach().clone().requires_grad_() for _ in range(2))
+    it = iteration(MASKS[mask])
+    y = bottleneck_program(modules)(x, it, 4, recompute=recompute, exact_input_grad=True)
+    y_ref = reference_program(bottleneck_program(ref_modules), x_ref, it, 4,
+                              exact_input_grad=True)
+    m = dense
+    a = torch.relu(m['norm1'](m['conv1'](x_dense)))
+    a = torch.relu(m['norm2'](m['conv2'](a)))
+    y_dense = torch.relu(m['norm3'](m['conv3'](a)) + m['dnorm'](m['dconv'](x_dense)))
+    grad = torch.randn_like(y)
+    for out in (y, y_ref, y_dense):
+        (out * grad).sum().backward()
+    assert_same(modules, ref_modules, x, x_ref, y, y_ref)
+    torch.testing.assert_close(x.grad, x_dense.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_exact_input_grad_is_refused_for_train_mode_norms_and_other_tails():
+    with pytest.raises(TypeError, match=r"conv1: exact input gradients need BatchNorm in eval "
+                                        r"mode, and this one is in train mode: "
+                                        r"use norm_eval=True"):
+        bottleneck_program(bottleneck(train=True))(
+            torch.randn(1, 16, 8, 8), iteration(MASKS['grid']), 4, exact_input_grad=True)
+    gelu = SBPProgram([conv_unit('conv', 'input', nn.Conv2d(4, 4, 3, 1, 1)).with_tail(
+        RowLocal(nn.GELU()))])
+    with pytest.raises(TypeError, match=r"block: exact input gradients need convolutions "
+                                        r"followed by eval-mode BatchNorm, residual adds and "
+                                        r"ReLUs; unit 'conv' is ConvMix \+ \['RowLocal'\]"):
+        gelu.check_exact_input_grad('block')
 
 
 def test_full_mask_is_plain_backprop():

@@ -37,6 +37,14 @@ class SBPConfig:
             inputs of k x k convolutions on the kept region) and recompute the
             rest of each block in backward, on the kept region only: SBP
             combined with checkpointing. Default: False.
+        exact_input_grad (bool): SBP on the parameters' gradients only: every
+            layer's input gets the exact gradient of every row (computed from
+            the weights, eval-mode BatchNorm scales and the ReLUs' signs, kept
+            at one bit per element), the parameters learn on the kept rows.
+            It stores what SBP stores (plus the sign bits), cuts no gradient
+            path, and computes the input gradients densely in backward. Needs
+            layers of convolutions, BatchNorm in eval mode (``norm_eval=True``,
+            the COCO practice), residual adds and ReLUs. Default: False.
     """
 
     keep_ratio: float = 0.5
@@ -45,6 +53,7 @@ class SBPConfig:
     grid_cell: int = 2
     grad_scale: str = 'none'
     recompute: bool = False
+    exact_input_grad: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
@@ -61,8 +70,9 @@ class SBPConfig:
         if self.grad_scale not in GRAD_SCALES:
             raise ValueError(f'sbp.grad_scale must be one of {GRAD_SCALES}, '
                              f'got {self.grad_scale!r}')
-        if not isinstance(self.recompute, bool):
-            raise TypeError(f'sbp.recompute must be True or False, got {self.recompute!r}')
+        for key in ('recompute', 'exact_input_grad'):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f'sbp.{key} must be True or False, got {getattr(self, key)!r}')
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping[str, Any]], extra_keys: tuple = (),

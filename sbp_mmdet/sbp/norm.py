@@ -133,3 +133,13 @@ class BatchNorm(TailOp):
 
     def rows(self, x: Tensor, other: Optional[Tensor], state: NormStats) -> Tensor:
         return _PackedBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, state)
+
+    def input_grad(self, grad: Tensor, state: NormStats) -> Optional[Tensor]:
+        """With fixed statistics (eval mode) a per-channel scale; None in train
+        mode, where it needs the normalised map of every row."""
+        if state.batch_stats:
+            return None
+        scale = torch.rsqrt(state.var + state.eps)
+        if self.norm.weight is not None:
+            scale = scale * self.norm.weight.detach()
+        return grad * scale.to(grad.dtype)[:, None, None]

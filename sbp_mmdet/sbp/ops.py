@@ -267,6 +267,12 @@ class TailOp:
     def rows(self, x: Tensor, other: Optional[Tensor], state: Any) -> Tensor:
         return self.reference(x, other)
 
+    def input_grad(self, grad: Tensor, state: Any) -> Optional[Tensor]:
+        """The gradient of the op's input at every row from its output's, read
+        from no stored values (``exact_input_grad``); None where the op needs
+        them."""
+        return None
+
 
 class RowLocal(TailOp):
     """Any op that maps each position from its own channels: activations
@@ -354,6 +360,9 @@ class Add(TailOp):
     def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
         return other + x
 
+    def input_grad(self, grad: Tensor, state: Any) -> Tensor:
+        return grad  # and the same to ``reads``
+
 
 class ChannelSlice(TailOp):
     """Channels ``[start, start + width)`` of the map (a ``torch.split`` part,
@@ -426,6 +435,12 @@ def _set_rng_state(device: torch.device, state: Tuple[Tensor, Optional[Tensor]])
 def relu() -> RowLocal:
     """The ReLU of a unit (functional: never in place on a stored tensor)."""
     return RowLocal(F.relu)
+
+
+def is_relu(op: TailOp) -> bool:
+    """Whether ``op`` is a ReLU (``relu()`` or an ``nn.ReLU`` module)."""
+    return isinstance(op, RowLocal) and (op.fn in (F.relu, torch.relu)
+                                         or type(op.fn) is nn.ReLU)
 
 
 Mix = Union[ConvMix, PoolMix, IdentityMix]

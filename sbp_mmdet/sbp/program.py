@@ -23,14 +23,19 @@ With ``recompute=True`` only the units that feed a k x k convolution keep their
 with checkpointing on the kept region). A unit without a row-mixing op stores
 nothing: its ``z`` is its source.
 
-With ``exact_input_grad=True`` a program of plain convolutions (units without
-a tail, e.g. the FPN's output convs) gives its input the exact gradient of
-every row, computed from the weights alone, while its parameters' gradients
-come from the kept rows: each unit behaves like
+With ``exact_input_grad=True`` a program whose units are a convolution
+followed by eval-mode BatchNorm, residual adds and ReLUs (in that order, each
+optional: ResNet blocks with ``norm_eval=True``, the FPN's convs, the towers of
+dense heads) gives every tensor, its input included, the exact gradient of
+every row, computed from the weights, the norms' fixed scales and the ReLUs'
+signs, while the parameters' gradients come from the kept rows: each unit
+behaves like
 
-    y = where(keep, conv(x, w), conv(x, w.detach()))
+    y = where(keep, unit(x; params), unit(x; params.detach()))
 
-so it stores what SBP stores but cuts no gradient path to the layers before it.
+It stores what SBP stores plus one bit per element of each ReLU output (its
+sign), and cuts no gradient path; backward computes the input gradients of
+every row.
 
 Mixed precision: under ``torch.autocast`` a program runs the way autocast runs
 the dense layers. Convolutions compute in the autocast dtype (fp16 on CUDA,
@@ -47,9 +52,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .bitmask import pack_bits, unpack_bits
 from .masks import SBPIteration
 from .norm import BatchNorm
-from .ops import Add, ConvMix, Mix, TailOp, relu
+from .ops import Add, ConvMix, Mix, TailOp, is_relu, relu
 from .rows import Packed, add_rows_, gather_rows, union_rows
 
 INPUT = 'input'
@@ -77,6 +83,16 @@ class Unit:
     def with_tail(self, *ops: TailOp) -> 'Unit':
         """This unit with ``ops`` appended to its tail."""
         return Unit(self.name, self.source, self.mix, self.tail + tuple(ops))
+
+    def exact_tail(self) -> Tuple[Tuple[TailOp, ...], Tuple[TailOp, ...], bool]:
+        """The tail as (norms, adds, ends with a ReLU) for ``exact_input_grad``
+        (``check_exact_input_grad`` says whether that split covers it)."""
+        ops = list(self.tail)
+        relu_end = bool(ops) and is_relu(ops[-1])
+        while ops and is_relu(ops[-1]):
+            ops.pop()
+        first_add = next((i for i, op in enumerate(ops) if isinstance(op, Add)), len(ops))
+        return tuple(ops[:first_add]), tuple(ops[first_add:]), relu_end
 
     def split_tail(self) -> Tuple[Tuple[TailOp, ...], Tuple[Add, ...]]:
         """The tail as (ops re-run under autograd, trailing adds).
@@ -143,15 +159,25 @@ class SBPProgram:
         """Raise unless the program can give its input the exact gradient.
 
         Raises:
-            TypeError: when a unit has a tail (a norm, an activation, an add)
-                or a row-mixing op other than a convolution, naming ``where``.
+            TypeError: unless every unit is a convolution followed by eval-mode
+                BatchNorm, residual adds and ReLUs (in that order, each
+                optional), naming ``where`` and the unit.
         """
         for unit in self.units:
-            if unit.tail or not hasattr(unit.mix, 'input_grad'):
+            norms, adds, _ = unit.exact_tail()
+            if not hasattr(unit.mix, 'input_grad') or not all(
+                    isinstance(op, BatchNorm) for op in norms) or not all(
+                    isinstance(op, Add) for op in adds):
                 raise TypeError(
-                    f'{where}: exact input gradients need plain convolutions without norm, '
-                    f'activation or residual add; unit {unit.name!r} is '
+                    f'{where}: exact input gradients need convolutions followed by eval-mode '
+                    f'BatchNorm, residual adds and ReLUs; unit {unit.name!r} is '
                     f'{type(unit.mix).__name__} + {[type(op).__name__ for op in unit.tail]}')
+            for op in norms:
+                if op.norm.training:
+                    raise TypeError(
+                        f'{op.where}: exact input gradients need BatchNorm in eval mode, and '
+                        'this one is in train mode: use norm_eval=True (the COCO practice) '
+                        'or leave sbp.exact_input_grad off')
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
                  recompute: bool = False, grad_scale: str = 'none',
@@ -218,13 +244,18 @@ class _Run:
         packed_input, self.input_rows = self.iteration.pack(x, self.input_rows, self.dtype)
         self.to_save = [packed_input] + [
             gather_rows(mixed[name], rows) for name, rows in self.stored_rows.items()]
+        self.relu_signs = [u.name for u in self.program.units
+                           if self.exact_input_grad and u.exact_tail()[2]]
+        self.to_save += [pack_bits(values[name] > 0) for name in self.relu_signs]
         return tuple(values[name] for name in self.program.outputs)
 
     def restore(self, tensors: Sequence[Tensor]) -> None:
         """Take back the tensors that autograd kept for backward."""
         self.saved_input = Packed(tensors[0], self.input_rows, self.heights[INPUT])
+        stored = len(self.stored_rows)
         self.saved = {name: Packed(data, rows, self.heights[name]) for (name, rows), data in
-                      zip(self.stored_rows.items(), tensors[1:])}
+                      zip(self.stored_rows.items(), tensors[1:1 + stored])}
+        self.saved_signs = dict(zip(self.relu_signs, tensors[1 + stored:]))
 
     def _plan(self) -> None:
         """Decide, per tensor, which rows backward reads."""
@@ -305,17 +336,29 @@ class _Run:
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(self.program.units):
             grad, kept = grads.pop(unit.name, None), self.kept[unit.name]
+            if grad is not None and unit.name in self.saved_signs:  # through the ReLU
+                positive = unpack_bits(self.saved_signs[unit.name], self.shapes[unit.name])
+                grad = torch.where(positive, grad, grad.new_zeros(()))
+            if grad is None:
+                param_grads[:0] = [None] * len(unit.parameters())
+                continue
+            norms, adds, _ = unit.exact_tail()
+            for op in adds:
+                _add_to(grads, op.reads, grad)
+            states = self.states[unit.name][:len(norms)]
             unit_grads: List[Optional[Tensor]] = [None] * len(unit.parameters())
-            if grad is not None and kept.shape[-1]:
+            if kept.shape[-1]:
+                kept_grad, norm_grads = self._tail_backward(
+                    unit, norms, mixed, kept, gather_rows(grad, kept), {}, None)
                 source = self._value(unit.source, mixed, unit.mix.backward_reads(
                     kept, self.heights[unit.source]))
-                _, unit_grads = unit.mix.backward(source, kept, gather_rows(grad, kept), False)
-                unit_grads = self._scaled(unit, kept, unit_grads)
+                _, mix_grads = unit.mix.backward(source, kept, kept_grad, False)
+                unit_grads = self._scaled(unit, kept, mix_grads + norm_grads)
             param_grads[:0] = unit_grads
-            if grad is not None and (unit.source != INPUT or self.needs_input_grad):
-                grad_src = unit.mix.input_grad(grad, self.shapes[unit.source])
-                grads[unit.source] = grad_src + grads[unit.source] \
-                    if unit.source in grads else grad_src
+            for op, state in zip(reversed(norms), reversed(states)):
+                grad = op.input_grad(grad, state)
+            if unit.source != INPUT or self.needs_input_grad:
+                _add_to(grads, unit.source, unit.mix.input_grad(grad, self.shapes[unit.source]))
         grad_input = grads.pop(INPUT, None)
         if grad_input is None and self.needs_input_grad:
             grad_input = grad_outputs[0].new_zeros(self.shapes[INPUT], dtype=self.dtype)
@@ -406,6 +449,11 @@ class _Run:
             return
         grad = Packed(grad, rows, self.heights[name]).take(self.kept[name]).to(self.dtype)
         grads[name] = grad if name not in grads else grads[name] + grad
+
+
+def _add_to(grads: Dict[str, Tensor], name: str, grad: Tensor) -> None:
+    """Accumulate the gradient of every row of ``name``."""
+    grads[name] = grad + grads[name] if name in grads else grad
 
 
 def _union(parts: List[Tensor], base: Tensor, height: int) -> Tensor:

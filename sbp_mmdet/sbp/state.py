@@ -17,7 +17,7 @@ class SBPState:
     Args:
         iteration: the iteration's keep mask.
         stride: stride of the layer's input map.
-        cfg: the SBP settings (recompute, grad_scale).
+        cfg: the SBP settings (recompute, grad_scale, exact_input_grad).
     """
 
     iteration: SBPIteration
@@ -27,7 +27,8 @@ class SBPState:
     def run(self, program: SBPProgram, x: Tensor, recompute: bool = False,
             exact_input_grad: bool = False) -> Tensor:
         return program(x, self.iteration, self.stride, recompute=self.cfg.recompute or recompute,
-                       grad_scale=self.cfg.grad_scale, exact_input_grad=exact_input_grad)
+                       grad_scale=self.cfg.grad_scale,
+                       exact_input_grad=self.cfg.exact_input_grad or exact_input_grad)
 
 
 @contextmanager

@@ -11,6 +11,8 @@ backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 the lateral convs, the output convs or both, the others dense),
 ``:exact_output`` (with ``:neck=both``: the output convs' SBP on their weight
 gradients only, their inputs get the exact gradient; ``sbp.exact_input_grad``),
+``:exact`` (``sbp.exact_input_grad`` in the backbone, the neck and an SBP head:
+SBP on the parameters' gradients only; needs ``norm_eval=True``),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
 instead of the dense head: SBP in the head too), ``:per_image`` (one mask per
 image), ``:objects`` (per-image masks keeping the rows that cover
@@ -38,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 NECK_CONVS = {'neck=lateral': '(lateral,)', 'neck=output': '(output,)',
               'neck=both': '(lateral,output)'}
+HEAD_PARTS = {'sbp_rpn_head': 'rpn_head', 'sbp_retina_head': 'bbox_head'}
 HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
                  'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
 
@@ -73,7 +76,7 @@ def variant_options(name: str) -> List[str]:
     if not head.startswith('sbp@'):
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
-                         '[:neck=lateral|:neck=output|:neck=both][:exact_output]'
+                         '[:neck=lateral|:neck=output|:neck=both][:exact_output|:exact]'
                          '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects][:recompute]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
@@ -93,6 +96,9 @@ def variant_options(name: str) -> List[str]:
             opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
         elif suffix == 'exact_output':
             opts.append('model.neck.sbp.exact_input_grad=(output,)')
+        elif suffix == 'exact':
+            parts = ['backbone', 'neck'] + [HEAD_PARTS[s] for s in suffixes if s in HEAD_PARTS]
+            opts += [f'model.{part}.sbp.exact_input_grad=True' for part in parts]
         elif suffix in HEAD_SUFFIXES:
             opts.append(HEAD_SUFFIXES[suffix])
         elif suffix == 'per_image':

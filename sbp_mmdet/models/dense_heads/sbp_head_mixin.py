@@ -14,14 +14,19 @@ class SBPDenseHeadMixin(SBPModuleMixin):
     stride; levels coarser than the base mask run densely (``forward_single``).
     A subclass declares ``sbp_program()``, whose outputs are those of
     ``forward_single`` in order; ``__init__`` takes the head's arguments plus
-    ``sbp`` (keys: see ``SBPModuleMixin``) and builds the program once, so that
-    unsupported layers fail at build time.
+    ``sbp`` (keys: see ``SBPModuleMixin``) and builds the program once, so
+    that unsupported layers fail at build time. With ``exact_input_grad=True``
+    the head's SBP is on its weight gradients only: the neck gets the exact
+    gradient of every row, so the head cuts no gradient path into the FPN's
+    top-down path and the backbone.
     """
 
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.init_sbp(sbp)
-        self.sbp_program()  # fail at build time on unsupported layers
+        program = self.sbp_program()  # fail at build time on unsupported layers
+        if self.sbp_cfg.exact_input_grad:
+            program.check_exact_input_grad(self.sbp_name)
 
     def sbp_program(self) -> SBPProgram:
         raise NotImplementedError

@@ -1,5 +1,5 @@
 """FPN with Stochastic Backpropagation on its lateral convs (and optionally its output convs)."""
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
@@ -47,8 +47,9 @@ class FPNSBP(SBPModuleMixin, FPN):
             backbone's dense last stage, which cost 2-3 mAP points in the
             accuracy study, for 2 % of dense's saved bytes (Faster R-CNN R50
             at 800x1344: 0.64x with the laterals only, 0.61x with both).
-            ``exact_input_grad`` (sequence of groups among ``convs``, default
-            ``()``): SBP on those convs' weight gradients only. Their input
+            ``exact_input_grad`` (bool, or a sequence of groups among
+            ``convs``; default False): SBP on those convs' weight gradients
+            only (True: every SBP group; see ``SBPConfig``). Their input
             gets the exact gradient of every row, computed from the weights
             (no stored activations), so they store what SBP stores without
             cutting the gradient path into the top-down path and backbone.
@@ -77,12 +78,15 @@ class FPNSBP(SBPModuleMixin, FPN):
                              f'{tuple(CONV_GROUPS)}, got {convs!r} (for a dense neck use FPN)')
         return tuple(CONV_GROUPS[c] for c in CONV_GROUPS if c in convs)
 
-    def _exact_input_groups(self, exact: Sequence[str], convs: Sequence[str]) -> Tuple[str, ...]:
+    def _exact_input_groups(self, exact: Union[bool, Sequence[str]],
+                            convs: Sequence[str]) -> Tuple[str, ...]:
         """The attribute names of the groups ``sbp.exact_input_grad`` names."""
+        if isinstance(exact, bool):
+            exact = tuple(convs) if exact else ()
         if isinstance(exact, str) or not all(c in convs for c in exact):
-            raise ValueError(f'{self.sbp_name}: sbp.exact_input_grad must be a sequence of '
-                             f'conv groups that sbp.convs={tuple(convs)!r} puts in SBP, '
-                             f'got {exact!r}')
+            raise ValueError(f'{self.sbp_name}: sbp.exact_input_grad must be True, False or a '
+                             f'sequence of conv groups that sbp.convs={tuple(convs)!r} puts '
+                             f'in SBP, got {exact!r}')
         return tuple(CONV_GROUPS[c] for c in exact)
 
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
