@@ -46,7 +46,8 @@ def assert_amp_close(grad, ref, ref_fp32, dtype, name):
     assert error <= budget, f'{name}: |sbp - ref| = {error:.3g} > {budget:.3g}'
 
 
-def run_three_ways(build, program_of, x_shape, stride, mask, dtype, recompute=False):
+def run_three_ways(build, program_of, x_shape, stride, mask, dtype, recompute=False,
+                   exact_input_grad=False):
     """SBP under autocast, the reference under autocast and the reference in fp32,
     from equal weights and inputs, with one random output gradient."""
     torch.manual_seed(0)
@@ -58,9 +59,12 @@ def run_three_ways(build, program_of, x_shape, stride, mask, dtype, recompute=Fa
     it = iteration(mask)
     outs = {}
     with autocast(dtype):
-        outs['sbp'] = program_of(modules['sbp'])(inputs['sbp'], it, stride, recompute=recompute)
-        outs['ref'] = reference_program(program_of(modules['ref']), inputs['ref'], it, stride)
-    outs['fp32'] = reference_program(program_of(modules['fp32']), inputs['fp32'], it, stride)
+        outs['sbp'] = program_of(modules['sbp'])(inputs['sbp'], it, stride, recompute=recompute,
+                                                 exact_input_grad=exact_input_grad)
+        outs['ref'] = reference_program(program_of(modules['ref']), inputs['ref'], it, stride,
+                                        exact_input_grad)
+    outs['fp32'] = reference_program(program_of(modules['fp32']), inputs['fp32'], it, stride,
+                                     exact_input_grad)
     grad = torch.randn(outs['fp32'].shape)
     for out in outs.values():
         (out.float() * grad).sum().backward()
@@ -81,6 +85,22 @@ def test_units_compute_in_half_precision_with_reference_gradients(dtype, program
     assert outs['sbp'].dtype == outs['ref'].dtype
     assert torch.equal(outs['sbp'], outs['ref'])
     assert inputs['sbp'].grad.dtype == torch.float32
+    assert_amp_close(inputs['sbp'].grad, inputs['ref'].grad, inputs['fp32'].grad, dtype, 'input')
+    named = [dict(m.named_parameters()) for m in (modules['sbp'], modules['ref'], modules['fp32'])]
+    for name, param in named[0].items():
+        assert param.grad.dtype == param.dtype, name
+        assert_amp_close(param.grad, named[1][name].grad, named[2][name].grad, dtype, name)
+
+
+@pytest.mark.parametrize('mask', ['grid', 'random'])
+@pytest.mark.parametrize('program', ['bottleneck', 'fpn_output'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_exact_input_grad_under_autocast_matches_its_reference(dtype, program, mask):
+    build, program_of, x_shape, stride = PROGRAMS[program]
+    eval_build = (lambda: build().eval()) if program == 'bottleneck' else build  # norm_eval
+    modules, inputs, outs = run_three_ways(eval_build, program_of, x_shape, stride,
+                                           MASKS[mask], dtype, exact_input_grad=True)
+    assert torch.equal(outs['sbp'], outs['ref'])
     assert_amp_close(inputs['sbp'].grad, inputs['ref'].grad, inputs['fp32'].grad, dtype, 'input')
     named = [dict(m.named_parameters()) for m in (modules['sbp'], modules['ref'], modules['fp32'])]
     for name, param in named[0].items():
