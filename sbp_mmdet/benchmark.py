@@ -31,6 +31,7 @@ class Variant:
         amp: mixed precision: ``torch.autocast`` in fp16 on CUDA, in bf16 on
             the CPU (with ``cpu_autocast_fallbacks``: the RPN's proposal step
             and RoIAlign in fp32, as the CUDA path effectively runs them).
+        exact_input_grad: ``sbp.exact_input_grad`` on every SBP module.
     """
 
     name: str
@@ -38,13 +39,15 @@ class Variant:
     with_cp: bool = False
     recompute: bool = False
     amp: bool = False
+    exact_input_grad: bool = False
 
     @classmethod
     def parse(cls, name: str) -> 'Variant':
         """``dense``, ``with_cp``, ``amp`` (dense in mixed precision) or ``sbp@R``, each
-        with ``+cp``/``+recompute``/``+amp`` flags, e.g. ``sbp@0.5+cp+amp``."""
+        with ``+cp``/``+recompute``/``+amp`` flags, e.g. ``sbp@0.5+cp+amp``, and
+        ``sbp@R`` with ``+exact`` (``exact_input_grad``)."""
         head, *flags = name.split('+')
-        unknown = set(flags) - {'cp', 'recompute', 'amp'}
+        unknown = set(flags) - {'cp', 'recompute', 'amp', 'exact'}
         if unknown:
             raise ValueError(f'unknown variant flag(s) {sorted(unknown)} in {name!r}')
         keep = None
@@ -56,8 +59,11 @@ class Variant:
             flags.append('amp')
         elif head != 'dense':
             raise ValueError(f'unknown variant {name!r}: use dense, with_cp, amp or sbp@R[+cp]'
-                             '[+recompute][+amp]')
-        return cls(name, keep, 'cp' in flags, 'recompute' in flags, 'amp' in flags)
+                             '[+recompute][+amp][+exact]')
+        if 'exact' in flags and keep is None:
+            raise ValueError(f'variant {name!r}: +exact applies to sbp@R variants only')
+        return cls(name, keep, 'cp' in flags, 'recompute' in flags, 'amp' in flags,
+                   'exact' in flags)
 
     @property
     def is_dense(self) -> bool:
@@ -84,6 +90,8 @@ class Variant:
             elif part == 'backbone':
                 sub['sbp'] = dict(sub.get('sbp') or {}, keep_ratio=self.keep_ratio,
                                   recompute=self.recompute)
+            if self.exact_input_grad and sub.get('type') in SBP_TYPES:
+                sub['sbp'] = dict(sub.get('sbp') or {}, exact_input_grad=True)
             if part == 'backbone':
                 sub['with_cp'] = self.with_cp
                 sub['init_cfg'] = None  # random init: no weights are downloaded

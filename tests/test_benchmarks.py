@@ -56,9 +56,13 @@ def test_variants_parse_and_turn_the_config_dense_or_sbp():
     assert sbp['backbone']['sbp'] == dict(keep_ratio=0.25, recompute=True)
     assert sbp['backbone']['with_cp'] and sbp['neck']['type'] == 'FPNSBP'
     assert Variant.parse('with_cp').apply(model)['backbone']['with_cp']
+    exact = Variant.parse('sbp@0.5+exact').apply(model)
+    assert all(exact[part]['sbp']['exact_input_grad'] for part in ('backbone', 'neck', 'rpn_head'))
     for bad in ('sparse', 'sbp@0.5+fast'):
         with pytest.raises(ValueError, match='unknown variant'):
             Variant.parse(bad)
+    with pytest.raises(ValueError, match=r"variant 'dense\+exact': \+exact applies to sbp@R"):
+        Variant.parse('dense+exact')
 
 
 def run_benchmark_tool(out: Path, *args: str, config: Path = SBP_CONFIG):

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='detector config (with ResNetSBP/FPNSBP)')
     parser.add_argument('--variants', nargs='+', default=None,
-                        help='dense, with_cp, amp, sbp@R[+cp][+recompute][+amp]; '
+                        help='dense, with_cp, amp, sbp@R[+cp][+recompute][+amp][+exact]; '
                         f'default: {" ".join(CPU_VARIANTS)} (+ {" ".join(CUDA_EXTRA)} on CUDA)')
     parser.add_argument('--size', nargs=2, type=int, default=[800, 1344], metavar=('H', 'W'))
     parser.add_argument('--batch-size', type=int, default=2)
