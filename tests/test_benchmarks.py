@@ -273,3 +273,38 @@ def test_accuracy_variants_become_config_options():
     for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
         with pytest.raises(ValueError, match='variant'):
             tool.variant_options(bad)
+
+
+def test_frontier_pairs_accuracy_and_memory_rows_and_names_missing_ones(tmp_path):
+    """sbp_frontier.py: mAP change on the seeds shared with dense, spread, saved
+    ratio; exact-gradient points sit at 0; missing rows are named."""
+    runs = [dict(variant=v, seed=s, bbox_mAP=m) for v, s, m in [
+        ('dense', 0, 0.30), ('dense', 1, 0.32), ('dense', 2, 0.50),
+        ('sbp@0.5', 0, 0.28), ('sbp@0.5', 1, 0.29)]]
+    (tmp_path / 'accuracy.json').write_text(json.dumps(dict(runs=runs)))
+    rows = [dict(variant=v, precision='fp32', saved_mib=m)
+            for v, m in [('dense', 2000.0), ('sbp@0.5', 1200.0), ('with_cp', 1300.0)]]
+    (tmp_path / 'memory.json').write_text(json.dumps(dict(rows=rows)))
+    acc, mem = str(tmp_path / 'accuracy.json'), str(tmp_path / 'memory.json')
+    spec = dict(title='toy', points=[
+        dict(label='SBP', accuracy=acc, variant='sbp@0.5', memory=mem, memory_variant='sbp@0.5'),
+        dict(label='cp', exact=True, memory=mem, memory_variant='with_cp')])
+    (tmp_path / 'spec.json').write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_frontier.py'),
+         str(tmp_path / 'spec.json'), '--out-dir', str(tmp_path / 'out')],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / 'out' / 'frontier.md').read_text()
+    # seeds 0 and 1 only: (0.285 - 0.31) * 100 = -2.5, spread 1.0, 1200 / 2000
+    assert '| SBP | 2 | -2.5 | 1.0 | 1200 | 0.60x |' in table
+    assert '| cp | exact gradients | +0.0 | 0.0 | 1300 | 0.65x |' in table
+    assert (tmp_path / 'out' / 'frontier.png').stat().st_size > 0
+    spec['points'][0]['variant'] = 'sbp@0.25'
+    (tmp_path / 'spec.json').write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'analysis_tools' / 'sbp_frontier.py'),
+         str(tmp_path / 'spec.json'), '--out-dir', str(tmp_path / 'out'), '--no-plot'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "needs runs of 'sbp@0.25' and of dense; it has ['dense', 'sbp@0.5']" in proc.stderr
