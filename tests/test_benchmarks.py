@@ -238,6 +238,19 @@ def test_grad_fidelity_tool_refuses_keep_ratios_outside_0_1():
     assert proc.returncode == 2 and '--keep-ratios must lie in (0, 1)' in proc.stderr
 
 
+def test_accuracy_iters_stretch_the_lr_schedule_and_keep_the_warmup():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+    assert tool.schedule_options(str(config), 400) == [
+        'train_cfg.max_iters=400', 'train_cfg.val_interval=400',
+        'default_hooks.checkpoint.interval=400', 'param_scheduler.1.end=400',
+        'param_scheduler.1.T_max=350']
+
+
 def test_accuracy_variants_become_config_options():
     import importlib.util
     spec = importlib.util.spec_from_file_location(

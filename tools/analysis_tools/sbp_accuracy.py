@@ -50,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument('config', help='an SBP detector config (ResNetSBP/FPNSBP)')
     parser.add_argument('--variants', nargs='+', default=['dense', 'sbp@0.5', 'sbp@0.25'])
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
-    parser.add_argument('--iters', type=int, default=None, help='override max_iters')
+    parser.add_argument('--iters', type=int, default=None,
+                        help='override max_iters, stretching the LR schedule to it (use its '
+                        'own --work-dir: run dirs are named by variant and seed)')
     parser.add_argument('--work-dir', default='work_dirs/sbp_accuracy')
     parser.add_argument('--out-dir', default='outputs/sbp_accuracy')
     parser.add_argument('--cfg-options', nargs='+', default=[],
@@ -137,9 +139,25 @@ def run_plan(args, variant: str, seed: int) -> Tuple[str, List[str]]:
     opts = variant_options(variant) + [f'randomness.seed={seed}',
                                        'randomness.deterministic=False'] + args.cfg_options
     if args.iters:
-        opts += [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
-                 f'default_hooks.checkpoint.interval={args.iters}']
+        opts += schedule_options(args.config, args.iters)
     return work, opts
+
+
+def schedule_options(config: str, iters: int) -> List[str]:
+    """``--cfg-options`` that stretch the config's schedule to ``iters`` iterations:
+    the LR schedulers that end with the old schedule (e.g. its cosine decay) end
+    with the new one; a warm-up that ends earlier keeps its length."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(config)
+    old = cfg.train_cfg.max_iters
+    opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+            f'default_hooks.checkpoint.interval={iters}']
+    for i, scheduler in enumerate(cfg.get('param_scheduler') or []):
+        if scheduler.get('end') == old:
+            opts.append(f'param_scheduler.{i}.end={iters}')
+            if 'T_max' in scheduler:
+                opts.append(f'param_scheduler.{i}.T_max={iters - scheduler.get("begin", 0)}')
+    return opts
 
 
 def finished_run(work: str, opts: List[str]) -> Optional[Dict]:
