@@ -11,7 +11,11 @@
   pool, a channel linear layer, or none) and a tail of row-local ops
   (norms, activations, 1x1 convs, adds, channel slices and concatenations,
   layer scale, DropPath).
-- ``program``: SBP units and the autograd function that runs a block of them.
+- ``program``: SBP units and the autograd function that runs a block of them
+  (SBP's backward on kept rows, or ``exact_input_grad``: exact activation
+  gradients, parameters learning on kept rows).
+- ``bitmask``: boolean maps at one bit per element (ReLU signs for
+  ``exact_input_grad``).
 - ``context``: ``SBPFeatures``, feature maps carrying the iteration's mask
   and their strides from one SBP module to the next.
 - ``module``: ``SBPModuleMixin``, what every SBP backbone, neck and head
