@@ -70,7 +70,8 @@ def accuracy_change(study: dict, variant: str, path: str) -> tuple:
 
 
 def memory_row(results: dict, variant: str, path: str) -> dict:
-    rows = {row['variant']: row for row in results['rows'] if row['precision'] == 'fp32'}
+    rows = {row['variant']: row for row in results['rows']
+            if row.get('precision', 'fp32') == 'fp32'}  # older files have fp32 rows only
     if variant not in rows or 'dense' not in rows:
         raise KeyError(f'{path}: needs fp32 rows of {variant!r} and of dense; it has '
                        f'{sorted(rows)}')
