@@ -10,8 +10,9 @@ from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter
 
 from sbp_reference import masked, row_mask, weight_masking_hook
-from test_sbp_models import (add_reference_hooks, assert_grads_match, build_detector,
-                             enabled_blocks, preprocessed_batch, small_faster_rcnn_cfg, total_loss)
+from test_sbp_models import (add_reference_hooks, assert_grads_match, assert_matches_reference,
+                             build_detector, enabled_blocks, preprocessed_batch,
+                             small_faster_rcnn_cfg, total_loss)
 
 
 def small_retinanet_cfg(sbp: bool, heads: bool = True) -> dict:
@@ -126,11 +127,7 @@ def test_heads_and_output_convs_with_exact_input_grad_equal_their_reference(dete
     for m in head.modules():
         if isinstance(m, torch.nn.Conv2d):
             m.register_forward_hook(head_hook)
-    ref_loss = total_loss(dense, data)
-    assert torch.equal(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(sbp_model, dense)
+    assert_matches_reference(sbp_model, dense, data, loss, bitwise=True)
 
 
 def test_exact_input_grad_of_a_head_is_checked_at_build_time():

@@ -221,6 +221,18 @@ def total_loss(model, data, seed=1):
                for k, v in losses.items() if 'loss' in k)
 
 
+def assert_matches_reference(sbp_model, dense, data, loss, bitwise=False):
+    """``dense``, hooked to mask like the reference, gives ``loss`` (bit for bit
+    with ``bitwise``) and the SBP model's parameter gradients."""
+    ref_loss = total_loss(dense, data)
+    if bitwise:
+        assert torch.equal(loss, ref_loss)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(sbp_model, dense)
+
+
 def preprocessed_batch(model, shapes):
     """Random images of ``shapes`` (height, width) with boxes, batched (padded to a
     multiple of 32) by the model's ``DetDataPreprocessor``."""
@@ -253,11 +265,7 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
         if iteration.covers(stride):  # the neck's SBP conv groups (sbp.convs)
             units += [getattr(dense.neck, kind)[i] for kind in sbp_model.neck.sbp_conv_groups]
     add_reference_hooks(units, iteration, height)
-    ref_loss = total_loss(dense, data)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(sbp_model, dense)
+    assert_matches_reference(sbp_model, dense, data, loss)
 
 
 @pytest.mark.parametrize('convs', [('lateral',), ('output',), ('lateral', 'output')])
@@ -278,11 +286,7 @@ def test_neck_convs_choose_which_neck_convs_use_sbp(convs):
     units += [group[i] for group in groups for i, stride in enumerate((4, 8, 16, 32))
               if iteration.covers(stride)]
     add_reference_hooks(units, iteration, data['inputs'].shape[2])
-    ref_loss = total_loss(dense, data)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(sbp_model, dense)
+    assert_matches_reference(sbp_model, dense, data, loss)
 
 
 @pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)]])
@@ -305,11 +309,7 @@ def test_output_convs_with_exact_input_grad_equal_their_reference(shapes):
     hook = weight_masking_hook(iteration, stride_from_height(height))
     for i in covered:
         dense.neck.fpn_convs[i].conv.register_forward_hook(hook)
-    ref_loss = total_loss(dense, data)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(sbp_model, dense)
+    assert_matches_reference(sbp_model, dense, data, loss)
 
 
 @pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)]])
