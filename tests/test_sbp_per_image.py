@@ -21,7 +21,8 @@ PER_IMAGE = {
 }
 
 
-def compare_per_image(build, program_of, x_shape, masks, stride=4, recompute=False):
+def compare_per_image(build, program_of, x_shape, masks, stride=4, recompute=False,
+                      exact_input_grad=False):
     torch.manual_seed(0)
     modules = build()
     ref_modules = build()
@@ -30,12 +31,21 @@ def compare_per_image(build, program_of, x_shape, masks, stride=4, recompute=Fal
     assert it.per_image
     x = torch.randn(*x_shape, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    y = program_of(modules)(x, it, stride, recompute=recompute)
-    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride)
+    y = program_of(modules)(x, it, stride, recompute=recompute, exact_input_grad=exact_input_grad)
+    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride, exact_input_grad)
     grad = torch.randn_like(y)
     (y * grad).sum().backward()
     (y_ref * grad).sum().backward()
     return modules, ref_modules, x, x_ref, y, y_ref
+
+
+@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize('masks', list(PER_IMAGE), ids=list(PER_IMAGE))
+@pytest.mark.parametrize('height', [32, 29, 1])
+def test_exact_input_grad_with_per_image_masks_matches_its_reference(recompute, masks, height):
+    assert_same(*compare_per_image(lambda: bottleneck(train=False), bottleneck_program,
+                                   (2, 16, height, 11), PER_IMAGE[masks], recompute=recompute,
+                                   exact_input_grad=True))
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train_bn', 'eval_bn'])
