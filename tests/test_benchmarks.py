@@ -138,8 +138,9 @@ def test_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
     for name in ('faster_rcnn_r50_sbp', 'retinanet_r50_sbp'):
         rows = json.loads((tmp_path / name / 'results.json').read_text())['rows']
         assert [(r['variant'], r['precision']) for r in rows] == [
-            ('dense', 'fp32'), ('sbp@0.5', 'fp32'), ('with_cp', 'fp32'), ('sbp@0.5+cp', 'fp32'),
-            ('amp', 'bf16'), ('sbp@0.5+amp', 'bf16'), ('with_cp+amp', 'bf16'),
+            ('dense', 'fp32'), ('sbp@0.5', 'fp32'), ('sbp@0.75+recompute', 'fp32'),
+            ('with_cp', 'fp32'), ('sbp@0.5+cp', 'fp32'), ('amp', 'bf16'), ('sbp@0.5+amp', 'bf16'),
+            ('sbp@0.75+recompute+amp', 'bf16'), ('with_cp+amp', 'bf16'),
             ('sbp@0.5+cp+amp', 'bf16')]
         assert all(r['step_median_s'] > 0 and r['peak_vs_dense'] is not None for r in rows)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: dense, SBP 0.5, with_cp and SBP 0.5 + cp, each in fp32 and
-# in AMP (fp16 autocast), for Faster R-CNN and RetinaNet R50-FPN at 2 x 800x1344, with random
+# One command on a CUDA machine: dense, SBP 0.5, SBP 0.75 + recompute (the COCO configs'
+# setting), with_cp and SBP 0.5 + cp, each in fp32 and in AMP (fp16 autocast), for Faster R-CNN and RetinaNet R50-FPN at 2 x 800x1344, with random
 # init: bytes saved for backward, torch.cuda.max_memory_allocated, the median step time of
 # 10 steps after 3 warm-up steps, and ratios to dense of the same precision.
 # Usage: bash tools/benchmark_gpu.sh [OUT_DIR]         (default outputs/benchmark_gpu)
@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${1:-outputs/benchmark_gpu}
-VARIANTS=(dense sbp@0.5 with_cp sbp@0.5+cp amp sbp@0.5+amp with_cp+amp sbp@0.5+cp+amp)
+VARIANTS=(dense sbp@0.5 sbp@0.75+recompute with_cp sbp@0.5+cp amp sbp@0.5+amp sbp@0.75+recompute+amp
+          with_cp+amp sbp@0.5+cp+amp)
 CONFIGS=(configs/faster_rcnn_r50_sbp.py configs/retinanet_r50_sbp.py)
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

@@ -134,11 +134,10 @@ class BatchNorm(TailOp):
     def rows(self, x: Tensor, other: Optional[Tensor], state: NormStats) -> Tensor:
         return _PackedBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, state)
 
-    def input_grad(self, grad: Tensor, state: NormStats) -> Optional[Tensor]:
-        """With fixed statistics (eval mode) a per-channel scale; None in train
-        mode, where it needs the normalised map of every row."""
-        if state.batch_stats:
-            return None
+    def input_grad(self, grad: Tensor, state: NormStats) -> Tensor:
+        """With fixed statistics (eval mode) a per-channel scale (train mode
+        would need the normalised map of every row: refused before the run)."""
+        assert not state.batch_stats, f'{self.where}: train-mode statistics'
         scale = torch.rsqrt(state.var + state.eps)
         if self.norm.weight is not None:
             scale = scale * self.norm.weight.detach()

@@ -267,11 +267,12 @@ class TailOp:
     def rows(self, x: Tensor, other: Optional[Tensor], state: Any) -> Tensor:
         return self.reference(x, other)
 
-    def input_grad(self, grad: Tensor, state: Any) -> Optional[Tensor]:
+    def input_grad(self, grad: Tensor, state: Any) -> Tensor:
         """The gradient of the op's input at every row from its output's, read
-        from no stored values (``exact_input_grad``); None where the op needs
-        them."""
-        return None
+        from no stored values (``exact_input_grad``; the ops that can:
+        ``SBPProgram.check_exact_input_grad``)."""
+        raise NotImplementedError(f'{type(self).__name__} needs stored values for its '
+                                  'input gradient')
 
 
 class RowLocal(TailOp):
