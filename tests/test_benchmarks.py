@@ -246,7 +246,7 @@ def test_accuracy_iters_stretch_the_lr_schedule_and_keep_the_warmup():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     config = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
-    assert tool.schedule_options(str(config), 400) == [
+    assert list(tool.schedule_options(str(config), 400)) == [
         'train_cfg.max_iters=400', 'train_cfg.val_interval=400',
         'default_hooks.checkpoint.interval=400', 'param_scheduler.1.end=400',
         'param_scheduler.1.T_max=350']

@@ -217,6 +217,9 @@ class _Run:
         self.grad_scale = grad_scale
         self.dtype = dtype
         self.exact_input_grad = exact_input_grad
+        # (norms, adds, ends with a ReLU) per unit, read in forward and backward
+        self.exact_tails = {unit.name: unit.exact_tail() for unit in program.units} \
+            if exact_input_grad else {}
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
@@ -244,8 +247,8 @@ class _Run:
         packed_input, self.input_rows = self.iteration.pack(x, self.input_rows, self.dtype)
         self.to_save = [packed_input] + [
             gather_rows(mixed[name], rows) for name, rows in self.stored_rows.items()]
-        self.relu_signs = [u.name for u in self.program.units
-                           if self.exact_input_grad and u.exact_tail()[2]]
+        self.relu_signs = [name for name, (_, _, relu_end) in self.exact_tails.items()
+                           if relu_end]
         self.to_save += [pack_bits(values[name] > 0) for name in self.relu_signs]
         return tuple(values[name] for name in self.program.outputs)
 
@@ -342,7 +345,7 @@ class _Run:
             if grad is None:
                 param_grads[:0] = [None] * len(unit.parameters())
                 continue
-            norms, adds, _ = unit.exact_tail()
+            norms, adds, _ = self.exact_tails[unit.name]
             for op in adds:
                 _add_to(grads, op.reads, grad)
             states = self.states[unit.name][:len(norms)]

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
@@ -139,11 +140,12 @@ def run_plan(args, variant: str, seed: int) -> Tuple[str, List[str]]:
     opts = variant_options(variant) + [f'randomness.seed={seed}',
                                        'randomness.deterministic=False'] + args.cfg_options
     if args.iters:
-        opts += schedule_options(args.config, args.iters)
+        opts += list(schedule_options(args.config, args.iters))
     return work, opts
 
 
-def schedule_options(config: str, iters: int) -> List[str]:
+@lru_cache(maxsize=None)  # one config read per study, not one per run
+def schedule_options(config: str, iters: int) -> Tuple[str, ...]:
     """``--cfg-options`` that stretch the config's schedule to ``iters`` iterations:
     the LR schedulers that end with the old schedule (e.g. its cosine decay) end
     with the new one; a warm-up that ends earlier keeps its length."""
@@ -157,7 +159,7 @@ def schedule_options(config: str, iters: int) -> List[str]:
             opts.append(f'param_scheduler.{i}.end={iters}')
             if 'T_max' in scheduler:
                 opts.append(f'param_scheduler.{i}.T_max={iters - scheduler.get("begin", 0)}')
-    return opts
+    return tuple(opts)
 
 
 def finished_run(work: str, opts: List[str]) -> Optional[Dict]:
