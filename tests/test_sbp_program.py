@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sbp_mmdet.sbp import RowLocal, SavedTensorMeter, SBPIteration, SBPProgram, conv_unit
+from sbp_mmdet.sbp import RowLocal, SavedTensorMeter, SBPIteration, SBPProgram, TailOp, conv_unit
 
 from sbp_reference import reference_program
 
@@ -209,6 +209,42 @@ def test_exact_input_grad_is_refused_for_train_mode_norms_and_other_tails():
                                         r"followed by eval-mode BatchNorm, residual adds and "
                                         r"ReLUs; unit 'conv' is ConvMix \+ \['RowLocal'\]"):
         gelu.check_exact_input_grad('block')
+
+
+class Doubling(TailOp):
+    """A tail op that is new to the engine and gives its input gradient."""
+
+    gives_input_grad = True
+
+    def reference(self, x, other):
+        return 2 * x
+
+    def input_grad(self, grad, state):
+        return 2 * grad
+
+
+@pytest.mark.parametrize('mask', ['grid', 'random'])
+def test_a_new_tail_op_that_gives_its_input_gradient_runs_with_exact_input_grad(mask):
+    """The op declares ``gives_input_grad`` and ``input_grad``: no engine edit."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, 1, 1)
+    ref_conv, dense_conv = copy.deepcopy(conv), copy.deepcopy(conv)
+
+    def program_of(c):
+        return SBPProgram([conv_unit('conv', 'input', c).with_tail(Doubling())])
+    x = torch.randn(2, 8, 16, 9, requires_grad=True)
+    x_ref, x_dense = (x.detach().clone().requires_grad_() for _ in range(2))
+    it = iteration(MASKS[mask])
+    y = program_of(conv)(x, it, 4, exact_input_grad=True)
+    y_ref = reference_program(program_of(ref_conv), x_ref, it, 4, exact_input_grad=True)
+    y_dense = 2 * dense_conv(x_dense)
+    grad = torch.randn_like(y)
+    for out in (y, y_ref, y_dense):
+        (out * grad).sum().backward()
+    assert torch.equal(y, y_dense)
+    assert_same(nn.ModuleDict(dict(conv=conv)), nn.ModuleDict(dict(conv=ref_conv)),
+                x, x_ref, y, y_ref)
+    torch.testing.assert_close(x.grad, x_dense.grad)
 
 
 def test_full_mask_is_plain_backprop():

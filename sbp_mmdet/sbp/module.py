@@ -99,24 +99,32 @@ class SBPModuleMixin:
 
     @contextmanager
     def sbp_layers(self, iteration: SBPIteration, layers: Layers) -> Iterator[None]:
-        """Run ``(layer, input stride)`` pairs with SBP while inside.
+        """Run ``(layer, input stride)`` pairs with SBP while inside, each with
+        the settings ``sbp_layer_cfg`` gives it.
 
         Layers whose output stride the mask does not cover run densely (maps
         coarser than the base mask), and all of them with a dense mask.
         """
         self.sbp_iteration = iteration
-        states = [(layer, self.sbp_state(iteration, stride, layer.sbp_program()))
+        states = [(layer, self.sbp_state(iteration, stride, layer.sbp_program(),
+                                         self.sbp_layer_cfg(layer)))
                   for layer, stride in layers]
         with sbp_states([(layer, state) for layer, state in states if state is not None]):
             yield
 
-    def sbp_state(self, iteration: SBPIteration, stride: int,
-                  program: SBPProgram) -> Optional[SBPState]:
-        """The state to run ``program`` on a map at ``stride`` with; None where
-        it runs densely (a dense mask, or maps coarser than the base mask)."""
+    def sbp_layer_cfg(self, layer: nn.Module) -> SBPConfig:
+        """The settings ``layer`` runs with: the module's (a module that sets
+        some per layer overrides this)."""
+        return self.sbp_cfg
+
+    def sbp_state(self, iteration: SBPIteration, stride: int, program: SBPProgram,
+                  cfg: Optional[SBPConfig] = None) -> Optional[SBPState]:
+        """The state to run ``program`` on a map at ``stride`` with settings
+        ``cfg`` (default: the module's); None where it runs densely (a dense
+        mask, or maps coarser than the base mask)."""
         if iteration.keep_ratio == 1.0 or not iteration.covers(stride * program.stride):
             return None
-        return SBPState(iteration, stride, self.sbp_cfg)
+        return SBPState(iteration, stride, cfg or self.sbp_cfg)
 
 
 class SBPBackboneMixin(SBPModuleMixin):

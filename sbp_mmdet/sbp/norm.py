@@ -106,6 +106,8 @@ class BatchNorm(TailOp):
         where: the layer's name, for errors.
     """
 
+    gives_input_grad = True  # in eval mode: a per-channel scale
+
     def __init__(self, norm: _BatchNorm, where: str = 'norm') -> None:
         if not isinstance(norm, _BatchNorm):
             raise TypeError(f'{where}: SBP supports BatchNorm (BN/SyncBN in eval) normalisation, '
@@ -133,6 +135,13 @@ class BatchNorm(TailOp):
 
     def rows(self, x: Tensor, other: Optional[Tensor], state: NormStats) -> Tensor:
         return _PackedBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, state)
+
+    def check_input_grad(self) -> None:
+        if self.norm.training:
+            raise TypeError(
+                f'{self.where}: exact input gradients need BatchNorm in eval mode, and this '
+                'one is in train mode: use norm_eval=True (the COCO practice) or leave '
+                'sbp.exact_input_grad off')
 
     def input_grad(self, grad: Tensor, state: NormStats) -> Tensor:
         """With fixed statistics (eval mode) a per-channel scale (train mode

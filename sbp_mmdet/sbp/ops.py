@@ -254,6 +254,8 @@ class TailOp:
     """
 
     reads: Optional[str] = None
+    #: whether ``input_grad`` gives the op's input gradient (``exact_input_grad``)
+    gives_input_grad: bool = False
 
     def parameters(self) -> List[Optional[Tensor]]:
         return []
@@ -269,10 +271,17 @@ class TailOp:
 
     def input_grad(self, grad: Tensor, state: Any) -> Tensor:
         """The gradient of the op's input at every row from its output's, read
-        from no stored values (``exact_input_grad``; the ops that can:
-        ``SBPProgram.check_exact_input_grad``)."""
+        from no stored values (``exact_input_grad``; ops that can set
+        ``gives_input_grad``)."""
         raise NotImplementedError(f'{type(self).__name__} needs stored values for its '
                                   'input gradient')
+
+    def check_call(self) -> None:
+        """Raise what the op cannot run in its current mode (before each run)."""
+
+    def check_input_grad(self) -> None:
+        """Raise where ``input_grad`` cannot run in the op's current mode
+        (an op with ``gives_input_grad``; before each run)."""
 
 
 class RowLocal(TailOp):
@@ -354,6 +363,8 @@ class Add(TailOp):
     Args:
         name: ``'input'`` or an earlier unit of the program.
     """
+
+    gives_input_grad = True
 
     def __init__(self, name: str) -> None:
         self.reads = name

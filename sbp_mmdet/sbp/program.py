@@ -166,18 +166,14 @@ class SBPProgram:
         for unit in self.units:
             norms, adds, _ = unit.exact_tail()
             if not hasattr(unit.mix, 'input_grad') or not all(
-                    isinstance(op, BatchNorm) for op in norms) or not all(
+                    op.gives_input_grad for op in norms) or not all(
                     isinstance(op, Add) for op in adds):
                 raise TypeError(
                     f'{where}: exact input gradients need convolutions followed by eval-mode '
                     f'BatchNorm, residual adds and ReLUs; unit {unit.name!r} is '
                     f'{type(unit.mix).__name__} + {[type(op).__name__ for op in unit.tail]}')
             for op in norms:
-                if op.norm.training:
-                    raise TypeError(
-                        f'{op.where}: exact input gradients need BatchNorm in eval mode, and '
-                        'this one is in train mode: use norm_eval=True (the COCO practice) '
-                        'or leave sbp.exact_input_grad off')
+                op.check_input_grad()
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
                  recompute: bool = False, grad_scale: str = 'none',
@@ -185,8 +181,7 @@ class SBPProgram:
         """Run the program with SBP on ``x`` (a map at ``stride``)."""
         for unit in self.units:
             for op in unit.tail:
-                if isinstance(op, BatchNorm):
-                    op.check_call()
+                op.check_call()
         if exact_input_grad:
             self.check_exact_input_grad(self.units[0].name)
         run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x),

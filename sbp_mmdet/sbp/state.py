@@ -24,11 +24,12 @@ class SBPState:
     stride: int
     cfg: SBPConfig
 
-    def run(self, program: SBPProgram, x: Tensor, recompute: bool = False,
-            exact_input_grad: bool = False) -> Tensor:
+    def run(self, program: SBPProgram, x: Tensor, recompute: bool = False) -> Tensor:
+        """Run ``program`` on ``x``; ``recompute`` adds to ``cfg.recompute`` (a
+        layer's ``with_cp``)."""
         return program(x, self.iteration, self.stride, recompute=self.cfg.recompute or recompute,
                        grad_scale=self.cfg.grad_scale,
-                       exact_input_grad=self.cfg.exact_input_grad or exact_input_grad)
+                       exact_input_grad=self.cfg.exact_input_grad)
 
 
 @contextmanager

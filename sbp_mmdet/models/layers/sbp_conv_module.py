@@ -18,25 +18,20 @@ class SBPConvModule(ConvModule):
     """
 
     sbp_state: Optional[SBPState] = None
-    sbp_exact_input_grad: bool = False
 
     @classmethod
-    def adopt(cls, module: ConvModule, where: str,
-              exact_input_grad: bool = False) -> 'SBPConvModule':
+    def adopt(cls, module: ConvModule, where: str) -> 'SBPConvModule':
         """Turn a built ``ConvModule`` into this class in place (same weights).
 
-        With ``exact_input_grad`` (a plain conv only) its input gets the exact
-        gradient of every row and its weights learn on the kept rows
-        (``SBPProgram``).
+        Raises:
+            TypeError: for a layer SBP cannot run, naming ``where`` (at build
+                time, not at the first training forward).
         """
         if type(module) is not ConvModule:
             raise TypeError(f'{where}: expected a ConvModule, got {type(module).__name__}')
         module.__class__ = cls
         module.sbp_where = where
-        program = module.sbp_program()  # fail at build time on unsupported layers
-        if exact_input_grad:
-            program.check_exact_input_grad(where)
-            module.sbp_exact_input_grad = True
+        module.sbp_program()
         return module
 
     def sbp_program(self) -> SBPProgram:
@@ -47,8 +42,7 @@ class SBPConvModule(ConvModule):
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         if self.sbp_state is None or not (activate and norm):
             return super().forward(x, activate, norm)
-        return self.sbp_state.run(self.sbp_program(), x,
-                                  exact_input_grad=self.sbp_exact_input_grad)
+        return self.sbp_state.run(self.sbp_program(), x)
 
 
 def conv_module_unit(module: ConvModule, name: str, source: str, where: str) -> Unit:

@@ -1,11 +1,12 @@
 """FPN with Stochastic Backpropagation on its lateral convs (and optionally its output convs)."""
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
-from torch import Tensor
+from torch import Tensor, nn
 
-from ...sbp import SBPFeatures, SBPIteration, SBPModuleMixin
+from ...sbp import SBPConfig, SBPFeatures, SBPIteration, SBPModuleMixin
 from ..layers import SBPConvModule
 from ..sbp_types import supported_backbones
 
@@ -65,11 +66,21 @@ class FPNSBP(SBPModuleMixin, FPN):
         self.own_mask = bool(extra.get('own_mask', False))
         convs = extra.get('convs', DEFAULT_CONVS)
         self.sbp_conv_groups = self._conv_groups(convs)
-        exact = self._exact_input_groups(extra.get('exact_input_grad', ()), convs)
+        self.sbp_exact_groups = self._exact_input_groups(extra.get('exact_input_grad', ()),
+                                                         convs)
+        self._exact_cfg = replace(self.sbp_cfg, exact_input_grad=True)
         for kind in self.sbp_conv_groups:
             for i, module in enumerate(getattr(self, kind)):
-                SBPConvModule.adopt(module, f'{self.sbp_name}.{kind}.{i}',
-                                    exact_input_grad=kind in exact)
+                where = f'{self.sbp_name}.{kind}.{i}'
+                program = SBPConvModule.adopt(module, where).sbp_program()
+                if kind in self.sbp_exact_groups:
+                    program.check_exact_input_grad(where)
+
+    def sbp_layer_cfg(self, layer: nn.Module) -> SBPConfig:
+        """The module's settings, with ``exact_input_grad`` for the groups it names."""
+        exact = any(layer is module for kind in self.sbp_exact_groups
+                    for module in getattr(self, kind))
+        return self._exact_cfg if exact else self.sbp_cfg
 
     def _conv_groups(self, convs: Sequence[str]) -> Tuple[str, ...]:
         """The attribute names of the conv groups ``sbp.convs`` asks SBP on."""
