@@ -286,6 +286,24 @@ def test_demo_summary_says_how_far_single_runs_spread_between_seeds(tmp_path: Pa
 
 
 FINETUNE = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+RETINA_FINETUNE = REPO / 'configs' / 'synthetic' / 'retinanet_r18_fpn_sbp_synthetic-finetune.py'
+
+
+@pytest.mark.parametrize('detector', ['faster-rcnn', 'retinanet'])
+def test_finetune_config_pairs_differ_by_sbp_only(detector: str) -> None:
+    """The SBP fine-tuning config is its dense baseline with SBP modules and SBPHook."""
+    synthetic = REPO / 'configs' / 'synthetic'
+    dense = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_synthetic-finetune.py'))
+    sbp = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_sbp_synthetic-finetune.py'))
+    assert sbp.model.backbone.pop('sbp') == dict(keep_ratio=0.5, sampling='grid')
+    assert (sbp.model.backbone.type, sbp.model.neck.type) == ('ResNetSBP', 'FPNSBP')
+    sbp.model.backbone.type, sbp.model.neck.type = 'ResNet', 'FPN'
+    assert sbp.model == dense.model
+    assert sbp.custom_hooks == [dict(type='SBPHook')] and 'custom_hooks' not in dense
+    for key in ('train_dataloader', 'val_evaluator', 'train_cfg', 'param_scheduler',
+                'optim_wrapper'):
+        assert sbp[key] == dense[key], key
+    assert dense.train_cfg.max_iters == 200
 
 
 def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(
@@ -314,14 +332,15 @@ def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(
     saved = torch.load(tmp_path / 'checkpoints' / 'backbone.pth', weights_only=True)
     assert saved['state_dict'].keys() == {k[9:] for k in detector if k.startswith('backbone.')}
 
-    cfg = Config.fromfile(str(FINETUNE)).model.backbone
-    assert cfg.frozen_stages == 1 and cfg.norm_eval
-    cfg.init_cfg.checkpoint = str(tmp_path / 'checkpoints' / 'backbone.pth')
-    backbone = MODELS.build(cfg)
-    assert backbone.sbp_blocks == [[False] * 2, [True] * 2, [True] * 2, [False] * 2]
-    backbone.init_weights()
-    for name, value in backbone.state_dict().items():
-        torch.testing.assert_close(value, detector[f'backbone.{name}'], rtol=0, atol=0)
+    for finetune in (FINETUNE, RETINA_FINETUNE):
+        cfg = Config.fromfile(str(finetune)).model.backbone
+        assert cfg.frozen_stages == 1 and cfg.norm_eval
+        cfg.init_cfg.checkpoint = str(tmp_path / 'checkpoints' / 'backbone.pth')
+        backbone = MODELS.build(cfg)
+        assert backbone.sbp_blocks == [[False] * 2, [True] * 2, [True] * 2, [False] * 2]
+        backbone.init_weights()
+        for name, value in backbone.state_dict().items():
+            torch.testing.assert_close(value, detector[f'backbone.{name}'], rtol=0, atol=0)
 
 
 def test_train_names_missing_pretrained_weights_before_the_runner(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 # stage 1 and the stem are frozen, BatchNorm statistics stay fixed (norm_eval); the neck
 # and the heads are newly initialised. Dense baseline of faster-rcnn_r18_fpn_sbp_synthetic-
 # finetune.py.
-_base_ = './faster-rcnn_r18_fpn_synthetic.py'
+_base_ = ['./_base_/faster-rcnn_r18_fpn_narrow.py', './_base_/synthetic_coco_finetune.py']
 
 model = dict(
     backbone=dict(
@@ -11,13 +11,3 @@ model = dict(
         norm_eval=True,
         init_cfg=dict(_delete_=True, type='Pretrained',
                       checkpoint='checkpoints/synthetic_r18_backbone.pth')))
-
-# A short schedule, as fine-tuning from a pretrained backbone needs fewer iterations.
-max_iters = 200
-train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, T_max=max_iters - 50,
-         eta_min_ratio=0.01),
-]
-default_hooks = dict(checkpoint=dict(interval=max_iters))
