@@ -289,6 +289,17 @@ def test_accuracy_variants_become_config_options():
             tool.variant_options(bad)
 
 
+def test_accuracy_of_a_model_that_detects_nothing_is_zero():
+    """mmdet's CocoMetric gives no mAP for an empty result (an undertrained model)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.bbox_metrics({'time': 0.4}) == (0.0, 0.0, False)
+    assert tool.bbox_metrics({'coco/bbox_mAP': 0.3, 'coco/bbox_mAP_50': 0.5}) == (0.3, 0.5, True)
+
+
 def test_frontier_pairs_accuracy_and_memory_rows_and_names_missing_ones(tmp_path):
     """sbp_frontier.py: mAP change on the seeds shared with dense, spread, saved
     ratio; exact-gradient points sit at 0; missing rows are named."""

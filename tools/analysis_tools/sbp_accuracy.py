@@ -194,13 +194,28 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
     metrics_file = next(os.path.join(test_dir, logs[-1], f) for f in
                         os.listdir(os.path.join(test_dir, logs[-1])) if f.endswith('.json'))
     with open(metrics_file) as f:
-        metrics = json.load(f)
-    result = dict(variant=variant, seed=seed, bbox_mAP=metrics['coco/bbox_mAP'],
-                  bbox_mAP_50=metrics['coco/bbox_mAP_50'], train_s=train_s, options=opts,
-                  commit=git_commit())
+        bbox_map, bbox_map_50, detected = bbox_metrics(json.load(f))
+    if not detected:
+        print('  no detections above the test score threshold on the whole set: '
+              'mAP recorded as 0', flush=True)
+    result = dict(variant=variant, seed=seed, bbox_mAP=bbox_map, bbox_mAP_50=bbox_map_50,
+                  train_s=train_s, options=opts, commit=git_commit())
+    if not detected:
+        result['no_detections'] = True
     with open(result_file, 'w') as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def bbox_metrics(metrics: Dict) -> Tuple[float, float, bool]:
+    """(bbox mAP, mAP@0.5, whether the model detected anything) from test.py's metrics.
+
+    mmdet's ``CocoMetric`` reports no mAP when the model detects nothing on the
+    whole set (an undertrained model): COCO's mAP of an empty result is 0.
+    """
+    if 'coco/bbox_mAP' not in metrics:
+        return 0.0, 0.0, False
+    return metrics['coco/bbox_mAP'], metrics['coco/bbox_mAP_50'], True
 
 
 def summarise(runs: List[Dict]) -> List[Dict]:
