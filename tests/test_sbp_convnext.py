@@ -193,6 +193,12 @@ def test_bad_configs_are_refused_clearly(kwargs, error):
         ConvNeXtSBP(**dict(convnext_kwargs(), **kwargs))
 
 
+def test_exact_input_grad_is_refused_at_build_time_naming_the_layer():
+    with pytest.raises(TypeError, match=r'ConvNeXtSBP\.stages\.0\.0: exact input '
+                                        r'gradients need convolutions followed by eval-mode'):
+        ConvNeXtSBP(**convnext_kwargs(sbp=dict(exact_input_grad=True)))
+
+
 def test_grn_stages_may_stay_dense():
     model = ConvNeXtSBP(**convnext_kwargs(use_grn=True, layer_scale_init_value=0.0,
                                           sbp=dict(stages=[False] * 4)))

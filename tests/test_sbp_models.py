@@ -114,6 +114,16 @@ def test_syncbn_runs_sbp_with_norm_eval_and_is_refused_in_train_mode():
         sbp(torch.rand(2, 3, 64, 64))
 
 
+def test_exact_input_grad_needs_norm_eval_and_names_the_norm_at_the_first_forward():
+    """Its structure is checked at build time; BatchNorm's mode, which ``norm_eval``
+    sets in ``train()``, at each training forward."""
+    sbp, _ = resnet_pair(18, frozen_stages=-1, norm_eval=False,
+                         sbp=dict(keep_ratio=0.5, exact_input_grad=True))
+    with pytest.raises(TypeError, match=r'ResNetSBP\.layer1\.0\.conv1: exact input gradients '
+                                        r'need BatchNorm in eval mode'):
+        sbp(torch.rand(2, 3, 64, 64))
+
+
 def test_r_equal_one_and_eval_mode_are_plain_resnet():
     sbp, dense = resnet_pair(18, frozen_stages=-1, norm_eval=True, sbp=dict(keep_ratio=1.0))
     x = torch.rand(2, 3, 64, 64)

@@ -140,6 +140,16 @@ class SBPBackboneMixin(SBPModuleMixin):
 
     sbp_layer_inputs: List[Tuple[nn.Module, int]] = []
 
+    def sbp_check_layers(self) -> None:
+        """Build each SBP layer's program now, so that a layer SBP cannot run
+        (or, with ``exact_input_grad``, cannot give exact input gradients)
+        fails at build time, naming it. BatchNorm's mode is checked at each
+        training forward: ``norm_eval`` sets it only then."""
+        for layer, _ in self.sbp_layer_inputs:
+            program = layer.sbp_program()
+            if self.sbp_layer_cfg(layer).exact_input_grad:
+                program.check_exact_input_grad(layer.sbp_where, modes=False)
+
     def sbp_active(self) -> bool:
         """Whether the next forward uses SBP."""
         return self.sbp_training() and self.keep_ratio < 1.0 and bool(self.sbp_layer_inputs)

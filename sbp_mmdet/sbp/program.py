@@ -129,9 +129,11 @@ class SBPProgram:
         outputs: names of the units whose values the program returns (a
             tuple when more than one, e.g. a head's classification and
             regression branches). Default: the last unit.
+        where: the layer's name, for errors. Default: the first unit's.
     """
 
-    def __init__(self, units: Sequence[Unit], outputs: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, units: Sequence[Unit], outputs: Optional[Sequence[str]] = None,
+                 where: Optional[str] = None) -> None:
         known = {INPUT}
         for unit in units:
             for name in [unit.source] + [op.reads for op in unit.tail if op.reads is not None]:
@@ -139,6 +141,7 @@ class SBPProgram:
                     raise ValueError(f'unit {unit.name!r} reads {name!r} before it is computed')
             known.add(unit.name)
         self.units = list(units)
+        self.where = where or self.units[0].name
         self.outputs = tuple(outputs or [self.units[-1].name])
         unknown = [name for name in self.outputs if name not in known or name == INPUT]
         if unknown:
@@ -155,14 +158,21 @@ class SBPProgram:
             strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
         return max(strides.values())
 
-    def check_exact_input_grad(self, where: str) -> None:
+    def check_exact_input_grad(self, where: Optional[str] = None, modes: bool = True) -> None:
         """Raise unless the program can give its input the exact gradient.
+
+        Args:
+            where: the layer's name in errors. Default: the program's.
+            modes: check the ops' current modes too (BatchNorm in eval mode);
+                False checks the structure only (at build time, before
+                ``norm_eval`` sets the mode).
 
         Raises:
             TypeError: unless every unit is a convolution followed by eval-mode
                 BatchNorm, residual adds and ReLUs (in that order, each
                 optional), naming ``where`` and the unit.
         """
+        where = where or self.where
         for unit in self.units:
             norms, adds, _ = unit.exact_tail()
             if not hasattr(unit.mix, 'input_grad') or not all(
@@ -172,7 +182,7 @@ class SBPProgram:
                     f'{where}: exact input gradients need convolutions followed by eval-mode '
                     f'BatchNorm, residual adds and ReLUs; unit {unit.name!r} is '
                     f'{type(unit.mix).__name__} + {[type(op).__name__ for op in unit.tail]}')
-            for op in norms:
+            for op in norms if modes else ():
                 op.check_input_grad()
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
@@ -183,7 +193,7 @@ class SBPProgram:
             for op in unit.tail:
                 op.check_call()
         if exact_input_grad:
-            self.check_exact_input_grad(self.units[0].name)
+            self.check_exact_input_grad()
         run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x),
                    exact_input_grad)
         outs = _SBPFunction.apply(run, x, *self.parameters())

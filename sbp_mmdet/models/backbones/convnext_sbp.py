@@ -177,8 +177,7 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
                              f'got {self.sbp_downsample!r}')
         self._make_sbp_layers()
         self.sbp_layer_inputs = self._sbp_layer_inputs()
-        for layer, _ in self.sbp_layer_inputs:  # fail at build time, naming the layer
-            layer.sbp_program()
+        self.sbp_check_layers()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=stem_stride)
 

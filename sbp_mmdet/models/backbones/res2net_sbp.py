@@ -44,7 +44,7 @@ class SBPBottle2neck(SBPBlockMixin, Bottle2neck):
         shortcut, residual = shortcut_units(self, where)
         units += shortcut + [conv_unit('conv3', 'cat', self.conv3, self.norm3, relu_after=True,
                                        residual=residual, where=f'{where}.conv3')]
-        return SBPProgram(units)
+        return SBPProgram(units, where=where)
 
 
 SBP_BLOCKS[Bottle2neck] = SBPBottle2neck

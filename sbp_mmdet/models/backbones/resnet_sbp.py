@@ -60,7 +60,7 @@ class SBPBlockMixin:
                  for n, s, c, b in body]
         units += shortcut + [conv_unit(name, source, conv, norm, relu_after=True,
                                        residual=residual, where=f'{where}.{name}')]
-        return SBPProgram(units)
+        return SBPProgram(units, where=where)
 
     def _main_layers(self) -> List[tuple]:
         """``(name, source, conv, norm)`` of the main branch's layers, in order."""
@@ -119,9 +119,9 @@ class SBPResNetMixin(SBPBackboneMixin):
                 block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
         self.sbp_layer_inputs = stage_layers(stages, self.sbp_blocks, self.stem_stride,
                                              self.stage_strides)
-        for block, _ in self.sbp_layer_inputs:  # fail at build time, naming the block
+        for block, _ in self.sbp_layer_inputs:
             self._check_sbp_block(block)
-            block.sbp_program()
+        self.sbp_check_layers()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=self.stem_stride)
 

@@ -33,4 +33,4 @@ class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
                 units.append(conv_module_unit(module, name, source, f'{self.sbp_name}.{name}'))
                 source = name
             units.append(conv_unit(branch, source, out, where=f'{self.sbp_name}.retina_{branch}'))
-        return SBPProgram(units, outputs=('cls', 'reg'))
+        return SBPProgram(units, outputs=('cls', 'reg'), where=self.sbp_name)

@@ -35,4 +35,4 @@ class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
         last = units[-1].name
         units += [conv_unit('cls', last, self.rpn_cls, where=f'{where}.rpn_cls'),
                   conv_unit('reg', last, self.rpn_reg, where=f'{where}.rpn_reg')]
-        return SBPProgram(units, outputs=('cls', 'reg'))
+        return SBPProgram(units, outputs=('cls', 'reg'), where=where)

@@ -26,7 +26,7 @@ class SBPDenseHeadMixin(SBPModuleMixin):
         self.init_sbp(sbp)
         program = self.sbp_program()  # fail at build time on unsupported layers
         if self.sbp_cfg.exact_input_grad:
-            program.check_exact_input_grad(self.sbp_name)
+            program.check_exact_input_grad()
 
     def sbp_program(self) -> SBPProgram:
         raise NotImplementedError

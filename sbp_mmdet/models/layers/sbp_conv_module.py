@@ -36,8 +36,8 @@ class SBPConvModule(ConvModule):
 
     def sbp_program(self) -> SBPProgram:
         """The layer as an SBP unit."""
-        return SBPProgram([conv_module_unit(self, 'conv', 'input',
-                                            getattr(self, 'sbp_where', type(self).__name__))])
+        where = getattr(self, 'sbp_where', type(self).__name__)
+        return SBPProgram([conv_module_unit(self, 'conv', 'input', where)], where=where)
 
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         if self.sbp_state is None or not (activate and norm):

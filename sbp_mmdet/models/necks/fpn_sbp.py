@@ -74,7 +74,7 @@ class FPNSBP(SBPModuleMixin, FPN):
                 where = f'{self.sbp_name}.{kind}.{i}'
                 program = SBPConvModule.adopt(module, where).sbp_program()
                 if kind in self.sbp_exact_groups:
-                    program.check_exact_input_grad(where)
+                    program.check_exact_input_grad()
 
     def sbp_layer_cfg(self, layer: nn.Module) -> SBPConfig:
         """The module's settings, with ``exact_input_grad`` for the groups it names."""
