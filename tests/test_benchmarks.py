@@ -289,6 +289,32 @@ def test_accuracy_variants_become_config_options():
             tool.variant_options(bad)
 
 
+def test_accuracy_reuse_needs_the_same_config_settings(tmp_path):
+    """A run made from another version of the config is trained again; a config
+    that only moves settings between files keeps its digest."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+    same, changed = tmp_path / 'same.py', tmp_path / 'changed.py'
+    same.write_text(f"_base_ = '{base}'\n")
+    changed.write_text(f"_base_ = '{base}'\noptim_wrapper = dict(optimizer=dict(lr=0.5))\n")
+    digest = tool.config_digest(str(base))
+    assert tool.config_digest(str(same)) == digest != tool.config_digest(str(changed))
+    opts = ['randomness.seed=0']
+    (tmp_path / 'run').mkdir()
+    result = dict(bbox_mAP=0.3, options=opts, config_digest=digest)
+    (tmp_path / 'run' / 'result.json').write_text(json.dumps(result))
+    assert tool.finished_run(str(tmp_path / 'run'), opts, digest) == result
+    assert tool.finished_run(str(tmp_path / 'run'), opts, 'another') is None
+    assert tool.finished_run(str(tmp_path / 'run'), ['randomness.seed=1'], digest) is None
+    del result['config_digest']  # recorded before digests were: taken as the same version
+    (tmp_path / 'run' / 'result.json').write_text(json.dumps(result))
+    assert tool.finished_run(str(tmp_path / 'run'), opts, 'another') == result
+
+
 def test_accuracy_of_a_model_that_detects_nothing_is_zero():
     """mmdet's CocoMetric gives no mAP for an empty result (an undertrained model)."""
     import importlib.util

@@ -29,6 +29,7 @@ Example::
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import statistics
@@ -60,7 +61,8 @@ def parse_args(argv=None):
                         help='extra key=value options for every run')
     parser.add_argument('--reuse', action='store_true',
                         help='reuse a run whose work dir already holds its result.json from '
-                             'the same options (to extend or resume a study)')
+                             'the same options and config settings (to extend or resume a '
+                             'study)')
     parser.add_argument('--summarise-only', action='store_true',
                         help='train nothing: summarise the finished runs of the work dir and '
                              'name the missing ones (a study still running or cut short)')
@@ -162,20 +164,32 @@ def schedule_options(config: str, iters: int) -> Tuple[str, ...]:
     return tuple(opts)
 
 
-def finished_run(work: str, opts: List[str]) -> Optional[Dict]:
-    """The result in run dir ``work``, if that run finished with options ``opts``."""
+@lru_cache(maxsize=None)  # one config read per study
+def config_digest(config: str) -> str:
+    """A digest of the config's effective settings (the file and every base it
+    inherits), so that a run made from another version of it is not reused."""
+    from mmengine.config import Config
+    settings = json.dumps(Config.fromfile(config).to_dict(), sort_keys=True, default=repr)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def finished_run(work: str, opts: List[str], digest: str) -> Optional[Dict]:
+    """The result in run dir ``work``, if that run finished with options ``opts``
+    from the config version ``digest`` (a result recorded before digests were,
+    without one, counts as that version)."""
     result_file = os.path.join(work, 'result.json')
     if not os.path.exists(result_file):
         return None
     with open(result_file) as f:
         result = json.load(f)
-    return result if result.get('options') == opts else None
+    same_config = result.get('config_digest', digest) == digest
+    return result if result.get('options') == opts and same_config else None
 
 
 def train_and_test(args, variant: str, seed: int) -> Dict:
     work, opts = run_plan(args, variant, seed)
     result_file = os.path.join(work, 'result.json')
-    done = finished_run(work, opts) if args.reuse else None
+    done = finished_run(work, opts, config_digest(args.config)) if args.reuse else None
     if done is not None:
         return done
     python = sys.executable
@@ -199,7 +213,8 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
         print('  no detections above the test score threshold on the whole set: '
               'mAP recorded as 0', flush=True)
     result = dict(variant=variant, seed=seed, bbox_mAP=bbox_map, bbox_mAP_50=bbox_map_50,
-                  train_s=train_s, options=opts, commit=git_commit())
+                  train_s=train_s, options=opts, config_digest=config_digest(args.config),
+                  commit=git_commit())
     if not detected:
         result['no_detections'] = True
     with open(result_file, 'w') as f:
@@ -254,7 +269,7 @@ def main(argv=None):
     for i, (variant, seed) in enumerate(jobs, 1):
         print(f'[{i}/{len(jobs)}] {variant}, seed {seed}', flush=True)
         if args.summarise_only:
-            result = finished_run(*run_plan(args, variant, seed))
+            result = finished_run(*run_plan(args, variant, seed), config_digest(args.config))
             if result is None:
                 missing.append(f'{variant} seed {seed}')
                 print('  missing (not finished in the work dir)', flush=True)
