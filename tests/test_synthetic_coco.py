@@ -146,7 +146,8 @@ def test_synthetic_configs_name_the_generated_classes() -> None:
         metainfo = cfg.train_dataloader.dataset.metainfo
         assert tuple(metainfo['classes']) == CLASSES, config
         assert [tuple(color) for color in metainfo['palette']] == PALETTE, config
-        assert cfg.model.roi_head.bbox_head.num_classes == len(CLASSES), config
+        head = cfg.model.roi_head.bbox_head if 'roi_head' in cfg.model else cfg.model.bbox_head
+        assert head.num_classes == len(CLASSES), config
 
 
 @pytest.mark.parametrize('kwargs, message', [
