@@ -1,5 +1,6 @@
 """Building blocks of the SBP benchmarks: variants, synthetic batches, one measured run."""
 import copy
+import platform
 import resource
 import statistics
 import time
@@ -14,6 +15,9 @@ from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 
 # SBP module type -> its dense type (the dense variant of a benchmark).
+# /proc/cpuinfo flags of the CPU's bf16 arithmetic (the vector and matrix instructions).
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+
 SBP_TYPES = {**{sbp: dense for dense, sbp in SBP_BACKBONES.items()}, 'FPNSBP': 'FPN',
              'RPNHeadSBP': 'RPNHead', 'RetinaHeadSBP': 'RetinaHead',
              'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}  # mmdet configs name it with its scope
@@ -215,3 +219,32 @@ def _now(device: str) -> float:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """The CPU's model name and its bf16 arithmetic, from ``/proc/cpuinfo`` text.
+
+    Half-precision step times on the CPU depend on it: without AVX512-BF16 or
+    AMX, bf16 convolutions are emulated and run slower than fp32 ones, so the
+    benchmarks record it with every table.
+    """
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(':')
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get('model name') or platform.processor() or platform.machine()
+    flags = set(fields.get('flags', '').split())
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    return f"{name}, bf16 arithmetic: {' '.join(found) if found else 'none'}"
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's ``describe_cpu`` (where /proc/cpuinfo exists)."""
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name()
+    try:
+        with open('/proc/cpuinfo') as f:
+            return describe_cpu(f.read())
+    except OSError:
+        return platform.processor() or platform.machine()

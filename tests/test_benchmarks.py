@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbp_mmdet.benchmark import Variant
+from sbp_mmdet.benchmark import Variant, describe_cpu
 
 from conftest import TINY_DATA_CFG
 
@@ -94,7 +94,19 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     assert (out / 'table.md').read_text().count('\n| ') >= 4
     assert 'model.backbone.sbp.grad_scale=inverse_keep' in (out / 'table.md').read_text()
     assert results['meta']['cfg_options'] == {'model.backbone.sbp.grad_scale': 'inverse_keep'}
+    if os.path.exists('/proc/cpuinfo'):  # the CPU and its bf16 arithmetic head the table
+        assert 'bf16 arithmetic: ' in (out / 'table.md').read_text().splitlines()[0]
     assert (out / 'sbp_vs_keep_ratio.png').stat().st_size > 1000
+
+
+def test_cpu_description_names_the_model_and_its_bf16_arithmetic():
+    amx = ('processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum\n'
+           'flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n'
+           'processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n')
+    assert describe_cpu(amx) == 'Intel(R) Xeon(R) Platinum, bf16 arithmetic: avx512_bf16 amx_bf16'
+    plain = 'model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f\n'
+    assert describe_cpu(plain) == 'Intel(R) Xeon(R) Processor, bf16 arithmetic: none'
+    assert describe_cpu('').endswith('bf16 arithmetic: none')  # no cpuinfo: the platform's name
 
 
 def test_benchmark_tool_measures_mixed_precision_on_the_cpu_against_dense_amp(tmp_path):

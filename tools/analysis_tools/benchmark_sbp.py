@@ -19,7 +19,6 @@ import csv
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from queue import Empty
@@ -155,11 +154,11 @@ def _ratio(value) -> str:
 
 def write_outputs(args, rows: List[dict], table: str) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
+    from sbp_mmdet.benchmark import device_name
     meta = dict(config=args.config, cfg_options=args.cfg_options and dict(args.cfg_options),
                 size=args.size, batch_size=args.batch_size,
                 steps=args.steps, warmup=args.warmup, device=args.device,
-                device_name=(torch.cuda.get_device_name() if args.device.startswith('cuda')
-                             else platform.processor() or platform.machine()),
+                device_name=device_name(args.device),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 date=time.strftime('%Y-%m-%d'))
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
