@@ -15,6 +15,8 @@ from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 
 # SBP module type -> its dense type (the dense variant of a benchmark).
+# What a benchmark step trains: the whole detector, or its backbone and neck alone.
+PARTS = ('detector', 'backbone_neck')
 # /proc/cpuinfo flags of the CPU's bf16 arithmetic (the vector and matrix instructions).
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
 
@@ -146,8 +148,15 @@ def model_components(model) -> Dict[str, torch.nn.Module]:
 
 def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
                     steps: int, warmup: int, device: str, seed: int = 0,
-                    on_step=None) -> Measurement:
-    """Build the detector as ``variant`` and measure saved bytes and step times."""
+                    on_step=None, part: str = 'detector') -> Measurement:
+    """Build the detector as ``variant`` and measure saved bytes and step times.
+
+    ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
+    detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
+    on the sum of the neck's outputs (where SBP acts, without the heads' costs).
+    """
+    if part not in PARTS:
+        raise ValueError(f'part must be one of {PARTS}, got {part!r}')
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
@@ -164,9 +173,10 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     autocast = torch.autocast(device.split(':')[0], dtype=dtype, enabled=dtype is not None)
 
     meter = SavedTensorMeter(model, model_components(model))
+    train_loss = _train_loss(model, data, part)
     with meter.measure(), cpu_autocast_fallbacks(model), autocast:
-        losses = model(**data, mode='loss')
-    del losses
+        loss = train_loss()
+    del loss
     result = Measurement(variant.name, precision, meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()})
     if device.startswith('cuda'):
@@ -175,8 +185,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         model.zero_grad(set_to_none=True)
         t0 = _now(device)
         with cpu_autocast_fallbacks(model), autocast:
-            losses = model(**data, mode='loss')
-        loss = sum(v.sum() for k, v in _flat_losses(losses) if 'loss' in k)
+            loss = train_loss()
         t1 = _now(device)
         loss.backward()
         t2 = _now(device)
@@ -194,6 +203,15 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         result.peak_kind = ('process max RSS (this variant in its own process'
                             + (', forward only)' if not steps else ')'))
     return result
+
+
+def _train_loss(model, data: dict, part: str):
+    """The scalar that one step of ``part`` backpropagates (see ``measure_variant``)."""
+    if part == 'backbone_neck':
+        # a sum saves nothing for backward: the bytes and time are the modules' own
+        return lambda: sum(f.float().sum() for f in model.extract_feat(data['inputs']))
+    return lambda: sum(v.sum() for k, v in _flat_losses(model(**data, mode='loss'))
+                       if 'loss' in k)
 
 
 def _flat_losses(losses: dict):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbp_mmdet.benchmark import Variant, describe_cpu
+from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
 
 from conftest import TINY_DATA_CFG
 
@@ -97,6 +97,29 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     if os.path.exists('/proc/cpuinfo'):  # the CPU and its bf16 arithmetic head the table
         assert 'bf16 arithmetic: ' in (out / 'table.md').read_text().splitlines()[0]
     assert (out / 'sbp_vs_keep_ratio.png').stat().st_size > 1000
+
+
+def test_benchmark_tool_measures_the_backbone_and_neck_alone(tmp_path):
+    out = tmp_path / 'bench'
+    proc = run_benchmark_tool(out, '--variants', 'dense', 'sbp@0.5', '--part', 'backbone_neck',
+                              '--no-plot')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'results.json').read_text())
+    assert results['meta']['part'] == 'backbone_neck'
+    assert 'backbone + neck only' in (out / 'table.md').read_text().splitlines()[0]
+    rows = {r['variant']: r for r in results['rows']}
+    for row in rows.values():  # no head ran, and the loss (a sum) saved nothing
+        assert set(row['saved_by_component_mib']) == {'backbone', 'neck'}
+        assert row['backward_median_s'] > 0
+    assert rows['sbp@0.5']['saved_by_component_mib']['backbone'] < (
+        0.75 * rows['dense']['saved_by_component_mib']['backbone'])
+
+
+def test_benchmark_refuses_an_unknown_part():
+    from mmengine.config import Config
+    with pytest.raises(ValueError, match="part must be one of .*'rpn'"):
+        measure_variant(Config.fromfile(str(SBP_CONFIG)), Variant.parse('dense'), 1, 64, 96,
+                        0, 0, 'cpu', part='rpn')
 
 
 def test_cpu_description_names_the_model_and_its_bf16_arithmetic():

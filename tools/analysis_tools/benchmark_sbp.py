@@ -35,6 +35,8 @@ CUDA_EXTRA = ['amp', 'sbp@0.5+amp', 'with_cp+amp', 'sbp@0.5+cp+amp']
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from sbp_mmdet.benchmark import PARTS
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='detector config (with ResNetSBP/FPNSBP)')
     parser.add_argument('--variants', nargs='+', default=None,
@@ -48,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--out-dir', default='outputs/benchmark_sbp')
+    parser.add_argument('--part', choices=PARTS, default='detector',
+                        help='what each step trains: the whole detector on its losses, or '
+                        'the backbone and neck alone on the sum of the neck outputs (where '
+                        'SBP acts, without the heads\' costs, e.g. the CPU RoIAlign)')
     parser.add_argument('--no-plot', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys for every variant, e.g. '
@@ -73,7 +79,7 @@ def _run_variant(args, name, queue, log_path):
         cfg.merge_from_dict(args.cfg_options)
     result = measure_variant(cfg, Variant.parse(name), args.batch_size, args.size[0],
                              args.size[1], args.steps, args.warmup, args.device,
-                             on_step=lambda: queue.put('step'))
+                             on_step=lambda: queue.put('step'), part=args.part)
     if not args.steps:
         queue.put('step')
     queue.put(result.summary())
@@ -156,7 +162,7 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     from sbp_mmdet.benchmark import device_name
     meta = dict(config=args.config, cfg_options=args.cfg_options and dict(args.cfg_options),
-                size=args.size, batch_size=args.batch_size,
+                part=args.part, size=args.size, batch_size=args.batch_size,
                 steps=args.steps, warmup=args.warmup, device=args.device,
                 device_name=device_name(args.device),
                 threads=torch.get_num_threads(), torch=torch.__version__,
@@ -170,7 +176,8 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
         writer.writerows(flat)
     with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
         options = ''.join(f' {k}={v}' for k, v in (meta['cfg_options'] or {}).items())
-        f.write(f"{meta['config']}{options}, batch {meta['batch_size']} x {meta['size'][0]}x"
+        part = ', backbone + neck only' if meta['part'] == 'backbone_neck' else ''
+        f.write(f"{meta['config']}{options}{part}, batch {meta['batch_size']} x {meta['size'][0]}x"
                 f"{meta['size'][1]}, {meta['device']} ({meta['device_name']}, "
                 f"{meta['threads']} threads), torch {meta['torch']}, {meta['date']}\n\n")
         f.write(table + '\n')
