@@ -7,7 +7,8 @@ median forward/backward/step time over ``--steps`` steps after warm-up.
 Ratios ("vs dense") compare each variant with the dense variant of the same
 precision: ``dense`` for fp32 rows, ``amp`` for mixed-precision rows (fp16
 autocast on CUDA, bf16 on the CPU). The console shows progress and the table;
-each variant's full log is written to ``OUT_DIR/logs/``.
+each variant's full log is written to ``OUT_DIR/logs/``. ``--part backbone_neck``
+trains the backbone and neck alone (where SBP acts, without the heads' costs).
 
 Example::
 
