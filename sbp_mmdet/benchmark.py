@@ -14,12 +14,12 @@ from .amp import cpu_autocast_fallbacks
 from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 
-# SBP module type -> its dense type (the dense variant of a benchmark).
 # What a benchmark step trains: the whole detector, or its backbone and neck alone.
 PARTS = ('detector', 'backbone_neck')
 # /proc/cpuinfo flags of the CPU's bf16 arithmetic (the vector and matrix instructions).
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
 
+# SBP module type -> its dense type (the dense variant of a benchmark).
 SBP_TYPES = {**{sbp: dense for dense, sbp in SBP_BACKBONES.items()}, 'FPNSBP': 'FPN',
              'RPNHeadSBP': 'RPNHead', 'RetinaHeadSBP': 'RetinaHead',
              'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}  # mmdet configs name it with its scope
@@ -252,17 +252,18 @@ def describe_cpu(cpuinfo: str) -> str:
         if sep and key.strip() not in fields:
             fields[key.strip()] = value.strip()
     name = fields.get('model name') or platform.processor() or platform.machine()
-    flags = set(fields.get('flags', '').split())
-    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    if 'flags' not in fields:
+        return f'{name}, bf16 arithmetic: unknown'
+    found = [flag for flag in BF16_CPU_FLAGS if flag in fields['flags'].split()]
     return f"{name}, bf16 arithmetic: {' '.join(found) if found else 'none'}"
 
 
 def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's ``describe_cpu`` (where /proc/cpuinfo exists)."""
+    """The GPU's name, or the CPU's ``describe_cpu`` (from /proc/cpuinfo where it exists)."""
     if device.startswith('cuda'):
         return torch.cuda.get_device_name()
     try:
         with open('/proc/cpuinfo') as f:
             return describe_cpu(f.read())
     except OSError:
-        return platform.processor() or platform.machine()
+        return describe_cpu('')

@@ -160,8 +160,8 @@ def _ratio(value) -> str:
 
 
 def write_outputs(args, rows: List[dict], table: str) -> None:
-    os.makedirs(args.out_dir, exist_ok=True)
     from sbp_mmdet.benchmark import device_name
+    os.makedirs(args.out_dir, exist_ok=True)
     meta = dict(config=args.config, cfg_options=args.cfg_options and dict(args.cfg_options),
                 part=args.part, size=args.size, batch_size=args.batch_size,
                 steps=args.steps, warmup=args.warmup, device=args.device,
