@@ -306,3 +306,37 @@ def test_program_outputs_must_be_units():
     m = two_branch_head()
     with pytest.raises(ValueError, match=r"outputs \['head'\] are not units"):
         SBPProgram([Unit('a', 'input', ConvMix(m['a']))], outputs=('a', 'head'))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('kernel,dilation,groups', [(3, 1, 1), (3, 2, 1), (5, 1, 1), (3, 1, 4)])
+@pytest.mark.parametrize('per_image', [False, True], ids=['shared', 'per_image'])
+def test_same_conv_input_gradient_at_kept_rows_equals_the_halo_bands_there(
+        dtype, kernel, dilation, groups, per_image):
+    """A stride-1 "same" conv whose input keeps its gradient at the output's kept rows
+    computes it there alone (``kept_input``): the values the halo'd bands give at those
+    rows, bitwise, and the same parameter gradients."""
+    from sbp_mmdet.sbp.rows import Packed, RowGeometry, conv_rows_backward, stack_rows
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation,
+                     groups=groups).to(dtype)
+    height = 23
+    x = torch.randn(2, 8, height, 11, dtype=dtype)
+    grad = torch.randn(2, 8, height, 11, dtype=dtype)
+    kept = torch.tensor([0, 1, 2, 5, 6, 7, 8, 12, 13, 20, 21, 22])
+    if per_image:
+        kept = torch.stack([kept, torch.tensor([1, 2, 3, 4, 9, 10, 11, 15, 16, 17, 18, 19])])
+        in_rows = stack_rows([RowGeometry.of(conv).input_rows(r, height) for r in kept], height)
+        src = Packed(torch.gather(x, 2, in_rows[:, None, :, None].expand(2, 8, -1, 11)),
+                     in_rows, height)
+        grad_kept = torch.gather(grad, 2, kept[:, None, :, None].expand(2, 8, -1, 11))
+    else:
+        in_rows = RowGeometry.of(conv).input_rows(kept, height)
+        src = Packed(x[:, :, in_rows], in_rows, height)
+        grad_kept = grad[:, :, kept]
+    halo = conv_rows_backward(conv, src, kept, grad_kept, True)
+    at_kept = conv_rows_backward(conv, src, kept, grad_kept, True, kept_input=True)
+    assert torch.equal(at_kept[0].rows, kept)
+    assert at_kept[0].data.shape[2] == kept.shape[-1] < halo[0].data.shape[2]
+    assert torch.equal(at_kept[0].data, halo[0].take(kept))
+    assert torch.equal(at_kept[1], halo[1]) and torch.equal(at_kept[2], halo[2])

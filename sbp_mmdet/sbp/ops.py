@@ -77,8 +77,12 @@ class ConvMix:
         return conv_rows(self.conv, src, out_rows)
 
     def backward(self, src: Optional[Packed], out_rows: Tensor, grad: Tensor,
-                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
-        grad_in, grad_w, grad_b = conv_rows_backward(self.conv, src, out_rows, grad, need_input)
+                 need_input: bool, kept_input: bool = False
+                 ) -> Tuple[Optional[Packed], ParamGrads]:
+        """Gradients at ``out_rows``; ``kept_input``: the caller keeps the input
+        gradient at ``out_rows`` only (see ``conv_rows_backward``)."""
+        grad_in, grad_w, grad_b = conv_rows_backward(self.conv, src, out_rows, grad, need_input,
+                                                     kept_input)
         return grad_in, [grad_w, grad_b]
 
     def input_grad(self, grad: Tensor, in_shape: torch.Size) -> Tensor:
@@ -136,7 +140,8 @@ class PoolMix:
         return gather_rows(self.pool(src.take(torch.arange(src.height))), out_rows)
 
     def backward(self, src: Packed, out_rows: Tensor, grad: Tensor,
-                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+                 need_input: bool, kept_input: bool = False
+                 ) -> Tuple[Optional[Packed], ParamGrads]:
         if not need_input:
             return None, []
         n, c, _, width = src.data.shape
@@ -204,7 +209,8 @@ class LinearMix:
                         bias).permute(0, 3, 1, 2)
 
     def backward(self, src: Packed, out_rows: Tensor, grad: Tensor,
-                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+                 need_input: bool, kept_input: bool = False
+                 ) -> Tuple[Optional[Packed], ParamGrads]:
         weight, bias = self.linear.weight, self.linear.bias
         x = src.take(out_rows).permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
         grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).to(x.dtype)
@@ -242,7 +248,8 @@ class IdentityMix:
         return src.take(out_rows)
 
     def backward(self, src: Optional[Packed], out_rows: Tensor, grad: Tensor,
-                 need_input: bool) -> Tuple[Optional[Packed], ParamGrads]:
+                 need_input: bool, kept_input: bool = False
+                 ) -> Tuple[Optional[Packed], ParamGrads]:
         return Packed(grad, out_rows, height=-1), []  # the caller reads rows and data only
 
 

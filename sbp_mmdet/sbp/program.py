@@ -404,7 +404,10 @@ class _Run:
         if unit.mix.stores:
             source = self._value(unit.source, mixed,
                                  unit.mix.backward_reads(kept, self.heights[unit.source]))
-        grad_src, mix_grads = unit.mix.backward(source, kept, grad, need_input)
+        # a unit source keeps the gradient at its kept rows only: the output's, at equal strides
+        kept_input = unit.source != INPUT and self.strides[unit.source] == self.strides[
+            unit.name] and self.heights[unit.source] == self.heights[unit.name]
+        grad_src, mix_grads = unit.mix.backward(source, kept, grad, need_input, kept_input)
         if grad_src is not None:
             self._accumulate(unit.source, grad_src.rows, grad_src.data, grads, grad_input)
         return self._scaled(unit, kept, mix_grads + tail_grads)  # adds have no parameters

@@ -255,23 +255,30 @@ def conv_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor) -> Tensor:
 
 
 def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out: Tensor,
-                       need_input: bool) -> Tuple[Optional[Packed], Optional[Tensor],
-                                                  Optional[Tensor]]:
+                       need_input: bool, kept_input: bool = False
+                       ) -> Tuple[Optional[Packed], Optional[Tensor], Optional[Tensor]]:
     """Gradients of ``conv`` evaluated at ``out_rows`` only.
 
     Args:
         src: packed input rows, covering ``input_rows(out_rows)``.
         grad_out: ``(N, C_out, len(out_rows), W_out)`` gradient at those rows.
         need_input: whether to compute the input gradient.
+        kept_input: the caller keeps the input gradient at ``out_rows`` only
+            (the input's kept rows are the output's). A stride-1 conv with
+            "same" padding then computes it there alone, not at the halo rows.
 
     Returns:
         ``(grad_input, grad_weight, grad_bias)`` in the dtype of ``src``;
-        ``grad_input`` is packed at ``src.rows``. Entries whose tensors do not
-        need gradients are None.
+        ``grad_input`` is packed at ``src.rows`` (at ``out_rows`` where
+        ``kept_input`` applies). Entries whose tensors do not need gradients
+        are None.
     """
     if out_rows.dim() == 2:
-        return _per_image_backward(conv, src, out_rows, grad_out, need_input)
+        return _per_image_backward(conv, src, out_rows, grad_out, need_input, kept_input)
     geom = RowGeometry.of(conv)
+    if need_input and kept_input and geom.kernel > 1 and geom.stride == 1 \
+            and geom.span == 2 * geom.padding + 1:
+        return _same_conv_backward_at_rows(conv, src, out_rows, grad_out)
     weight, _ = _weights(conv, src.data.dtype)
     mask = [need_input, conv.weight.requires_grad,
             conv.bias is not None and conv.bias.requires_grad]
@@ -313,12 +320,35 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
     return grad_in, grad_w, grad_b
 
 
+def _same_conv_backward_at_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor,
+                                grad_out: Tensor) -> Tuple[Packed, Optional[Tensor],
+                                                           Optional[Tensor]]:
+    """``conv_rows_backward`` of a stride-1 "same" conv whose input gradient is
+    wanted at ``out_rows`` only: parameter gradients from the bands with their
+    halo, the input gradient from each band's output gradient alone (rows
+    outside a band are dropped rows: their gradient is zero), so it costs the
+    kept rows, not the kept rows plus the halo."""
+    _, grad_w, grad_b = conv_rows_backward(conv, src, out_rows, grad_out, need_input=False)
+    weight, _ = _weights(conv, src.data.dtype)
+    n, c_in, w_in = src.data.shape[0], src.data.shape[1], src.data.shape[3]
+    data = grad_out.new_empty(n, c_in, len(out_rows), w_in)
+    for first, out_pos in RowGeometry.of(conv).bands(out_rows):
+        count = len(first)
+        grad_bands = _band_rows(grad_out, out_pos, count)
+        gi = torch.nn.grad.conv2d_input(
+            (grad_bands.shape[0], c_in, grad_bands.shape[2], w_in), weight, grad_bands,
+            conv.stride, conv.padding, conv.dilation, conv.groups)
+        data[:, :, out_pos.to(data.device)] = _unband(gi, n)
+    return Packed(data, out_rows, src.height), grad_w, grad_b
+
+
 def _per_image_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out: Tensor,
-                        need_input: bool) -> Tuple[Optional[Packed], Optional[Tensor],
-                                                   Optional[Tensor]]:
+                        need_input: bool, kept_input: bool
+                        ) -> Tuple[Optional[Packed], Optional[Tensor], Optional[Tensor]]:
     """``conv_rows_backward`` at per-image rows: image by image, parameter
     gradients summed."""
-    results = [conv_rows_backward(conv, src.image(i), rows, grad_out[i:i + 1], need_input)
+    results = [conv_rows_backward(conv, src.image(i), rows, grad_out[i:i + 1], need_input,
+                                  kept_input)
                for i, rows in enumerate(out_rows)]
     grad_in = None
     if need_input:
