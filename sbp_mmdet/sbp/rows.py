@@ -276,9 +276,6 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
     if out_rows.dim() == 2:
         return _per_image_backward(conv, src, out_rows, grad_out, need_input, kept_input)
     geom = RowGeometry.of(conv)
-    if need_input and kept_input and geom.kernel > 1 and geom.stride == 1 \
-            and geom.span == 2 * geom.padding + 1:
-        return _same_conv_backward_at_rows(conv, src, out_rows, grad_out)
     weight, _ = _weights(conv, src.data.dtype)
     mask = [need_input, conv.weight.requires_grad,
             conv.bias is not None and conv.bias.requires_grad]
@@ -299,47 +296,41 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
                       gi if bool(inside.all()) else gi[:, :, torch.nonzero(inside).flatten()])
         return grad_in, gw, gb
     args = _conv_args(conv, geom.stride)
-    grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height) \
-        if need_input else None
+    # a stride-1 "same" conv whose input keeps the output's rows: the input gradient of each
+    # band from its output gradient alone (rows outside a band are dropped: zero gradient),
+    # at the band's own rows, not at its halo
+    at_kept = need_input and kept_input and geom.stride == 1 \
+        and geom.span == 2 * geom.padding + 1
+    grad_in = None
+    if at_kept:
+        mask[0] = False
+        grad_in = Packed(grad_out.new_empty(src.data.shape[0], src.data.shape[1],
+                                            len(out_rows), src.data.shape[3]),
+                         out_rows, src.height)
+    elif need_input:
+        grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height)
     grad_w = grad_b = None
     for first, out_pos in geom.bands(out_rows):
         count = len(first)
         t = len(out_pos) // count
         first_in = first * geom.stride - geom.padding
         bands = _band_batch(src, first_in, (t - 1) * geom.stride + geom.span)
+        grad_bands = _band_rows(grad_out, out_pos, count)
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            _band_rows(grad_out, out_pos, count), bands, weight, bias_sizes,
-            args['stride'], args['padding'], args['dilation'], False, [0, 0], args['groups'],
-            mask)
-        if need_input:
+            grad_bands, bands, weight, bias_sizes, args['stride'], args['padding'],
+            args['dilation'], False, [0, 0], args['groups'], mask)
+        if at_kept:
+            gi = torch.nn.grad.conv2d_input(
+                (grad_bands.shape[0], bands.shape[1], t, bands.shape[3]), weight, grad_bands,
+                conv.stride, conv.padding, conv.dilation, conv.groups)
+            grad_in.data[:, :, out_pos.to(gi.device)] = _unband(gi, src.data.shape[0])
+        elif need_input:
             _scatter_bands_(grad_in, first_in, gi)
         if mask[1]:
             grad_w = gw if grad_w is None else grad_w + gw
         if mask[2]:
             grad_b = gb if grad_b is None else grad_b + gb
     return grad_in, grad_w, grad_b
-
-
-def _same_conv_backward_at_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor,
-                                grad_out: Tensor) -> Tuple[Packed, Optional[Tensor],
-                                                           Optional[Tensor]]:
-    """``conv_rows_backward`` of a stride-1 "same" conv whose input gradient is
-    wanted at ``out_rows`` only: parameter gradients from the bands with their
-    halo, the input gradient from each band's output gradient alone (rows
-    outside a band are dropped rows: their gradient is zero), so it costs the
-    kept rows, not the kept rows plus the halo."""
-    _, grad_w, grad_b = conv_rows_backward(conv, src, out_rows, grad_out, need_input=False)
-    weight, _ = _weights(conv, src.data.dtype)
-    n, c_in, w_in = src.data.shape[0], src.data.shape[1], src.data.shape[3]
-    data = grad_out.new_empty(n, c_in, len(out_rows), w_in)
-    for first, out_pos in RowGeometry.of(conv).bands(out_rows):
-        count = len(first)
-        grad_bands = _band_rows(grad_out, out_pos, count)
-        gi = torch.nn.grad.conv2d_input(
-            (grad_bands.shape[0], c_in, grad_bands.shape[2], w_in), weight, grad_bands,
-            conv.stride, conv.padding, conv.dilation, conv.groups)
-        data[:, :, out_pos.to(data.device)] = _unband(gi, n)
-    return Packed(data, out_rows, src.height), grad_w, grad_b
 
 
 def _per_image_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out: Tensor,
