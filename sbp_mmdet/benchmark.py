@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 
 import torch
 from mmengine.config import Config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .amp import cpu_autocast_fallbacks
 from .models.sbp_types import SBP_BACKBONES
@@ -23,6 +25,26 @@ BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
 SBP_TYPES = {**{sbp: dense for dense, sbp in SBP_BACKBONES.items()}, 'FPNSBP': 'FPN',
              'RPNHeadSBP': 'RPNHead', 'RetinaHeadSBP': 'RetinaHead',
              'ConvNeXtSBP': 'mmpretrain.ConvNeXt'}  # mmdet configs name it with its scope
+
+
+class FlopMeter(TorchDispatchMode):
+    """Counts the FLOPs of the ops run inside the ``with`` block, with the
+    formulas of ``torch.utils.flop_counter`` (convolutions, their backward,
+    matrix products). Unlike ``FlopCounterMode`` it tracks no modules, whose
+    gradient hooks break ``torch.autograd.grad`` calls made inside a backward
+    (the SBP program's tail re-runs make them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 @dataclass(frozen=True)
@@ -106,12 +128,21 @@ class Variant:
 
 @dataclass
 class Measurement:
-    """What one variant measured."""
+    """What one variant measured.
+
+    ``backward_gflop`` is the compute of one backward pass, device independent:
+    the FLOPs of its convolutions and matrix products (recomputed forward
+    convolutions included) as ``torch.utils.flop_counter`` counts them (see
+    ``FlopMeter``). Ops
+    outside PyTorch's dispatcher (mmcv's RoIAlign, NMS) and elementwise ops are
+    not counted.
+    """
 
     variant: str
     precision: str
     saved_mib: float
     saved_by_component_mib: Dict[str, float]
+    backward_gflop: float
     forward_s: List[float] = field(default_factory=list)
     backward_s: List[float] = field(default_factory=list)
     step_s: List[float] = field(default_factory=list)
@@ -149,7 +180,8 @@ def model_components(model) -> Dict[str, torch.nn.Module]:
 def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
                     steps: int, warmup: int, device: str, seed: int = 0,
                     on_step=None, part: str = 'detector') -> Measurement:
-    """Build the detector as ``variant`` and measure saved bytes and step times.
+    """Build the detector as ``variant`` and measure saved bytes, backward FLOPs
+    and step times.
 
     ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
     detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
@@ -176,9 +208,12 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     train_loss = _train_loss(model, data, part)
     with meter.measure(), cpu_autocast_fallbacks(model), autocast:
         loss = train_loss()
+    with FlopMeter() as flops:
+        loss.backward()
     del loss
     result = Measurement(variant.name, precision, meter.mebibytes,
-                         {k: v / 2**20 for k, v in meter.by_component.items()})
+                         {k: v / 2**20 for k, v in meter.by_component.items()},
+                         flops.total / 1e9)
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps if steps else 0):

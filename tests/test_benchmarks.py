@@ -89,6 +89,10 @@ def test_benchmark_tool_writes_table_json_csv_and_plot(tmp_path):
     assert rows['dense']['saved_vs_dense'] == 1.0
     assert rows['sbp@0.25']['saved_mib'] < rows['sbp@0.5']['saved_mib'] < rows['dense']['saved_mib']
     assert all(r['backward_median_s'] > 0 for r in rows.values())
+    # a lower keep ratio skips more backward compute (the heads' stays the same)
+    assert rows['sbp@0.25']['backward_gflop'] < rows['sbp@0.5']['backward_gflop'] < (
+        rows['dense']['backward_gflop'])
+    assert rows['dense']['backward_gflop_vs_dense'] == 1.0
     with open(out / 'results.csv') as f:
         assert len(list(csv.DictReader(f))) == 3
     assert (out / 'table.md').read_text().count('\n| ') >= 4
@@ -113,6 +117,35 @@ def test_benchmark_tool_measures_the_backbone_and_neck_alone(tmp_path):
         assert row['backward_median_s'] > 0
     assert rows['sbp@0.5']['saved_by_component_mib']['backbone'] < (
         0.75 * rows['dense']['saved_by_component_mib']['backbone'])
+
+
+def test_backward_flops_count_the_engine_packed_rows_and_recomputed_convs():
+    """The FLOP count sees the SBP engine's own convolutions: on the backbone and
+    neck, SBP 0.5 needs well under dense's backward compute, and recompute and
+    checkpointing add their re-run forward convolutions."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(SBP_CONFIG))
+    gflop = {name: measure_variant(cfg, Variant.parse(name), 1, 64, 96, 0, 0, 'cpu',
+                                   part='backbone_neck').backward_gflop
+             for name in ('dense', 'with_cp', 'sbp@0.5', 'sbp@0.5+recompute')}
+    assert 0.3 * gflop['dense'] < gflop['sbp@0.5'] < 0.8 * gflop['dense']
+    assert gflop['sbp@0.5+recompute'] > gflop['sbp@0.5']
+    assert gflop['with_cp'] > gflop['dense']
+
+
+def test_backward_flops_are_counted_through_an_sbp_head():
+    """RetinaHeadSBP's backward calls ``torch.autograd.grad`` inside the backward
+    (its tail re-runs): the count goes through it, and the SBP head skips
+    compute that the same detector with the dense head does not."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(REPO / 'configs' / 'synthetic'
+                              / 'retinanet_r18_fpn_sbp_synthetic-finetune.py'))
+    gflop = {}
+    for head in ('RetinaHead', 'RetinaHeadSBP'):
+        cfg.model.bbox_head.type = head
+        gflop[head] = measure_variant(cfg, Variant.parse('sbp@0.5'), 1, 64, 96, 0, 0,
+                                      'cpu').backward_gflop
+    assert 0 < gflop['RetinaHeadSBP'] < gflop['RetinaHead']
 
 
 def test_benchmark_refuses_an_unknown_part():

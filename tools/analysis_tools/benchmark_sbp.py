@@ -2,8 +2,10 @@
 
 Each variant runs in its own process (so the CPU peak RSS is its own), on the
 same synthetic batch and random init, and reports the bytes saved for
-backward (device independent, split by component), peak memory and the
-median forward/backward/step time over ``--steps`` steps after warm-up.
+backward (device independent, split by component), the FLOPs of one backward
+(convolutions and matrix products, device independent; mmcv's ops such as
+RoIAlign are not counted), peak memory and the median forward/backward/step
+time over ``--steps`` steps after warm-up.
 Ratios ("vs dense") compare each variant with the dense variant of the same
 precision: ``dense`` for fp32 rows, ``amp`` for mixed-precision rows (fp16
 autocast on CUDA, bf16 on the CPU). The console shows progress and the table;
@@ -123,7 +125,8 @@ def run_all(args) -> List[dict]:
     for variant, row in zip(variants, rows):
         dense = next((r for v, r in zip(variants, rows)
                       if v.is_dense and r['precision'] == row['precision']), None)
-        for key in ('saved_mib', 'backward_median_s', 'step_median_s', 'peak_mib'):
+        for key in ('saved_mib', 'backward_median_s', 'backward_gflop', 'step_median_s',
+                    'peak_mib'):
             ref = dense and dense[key]
             if row[key] is None:
                 row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = None
@@ -136,8 +139,8 @@ def run_all(args) -> List[dict]:
 def format_table(rows: List[dict]) -> str:
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
     head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
-            + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense', 'step s',
-               'step vs dense'])
+            + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense',
+               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [r['variant'], r['precision'], f"{r['saved_mib']:.0f}",
@@ -146,6 +149,7 @@ def format_table(rows: List[dict]) -> str:
         cells += [f"{r['peak_mib']:.0f}", _ratio(r['peak_vs_dense']),
                   _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
+                  f"{r['backward_gflop']:.1f}", _ratio(r['backward_gflop_vs_dense']),
                   _seconds(r['step_median_s']), _ratio(r['step_vs_dense'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
