@@ -133,9 +133,8 @@ class Measurement:
     ``backward_gflop`` is the compute of one backward pass, device independent:
     the FLOPs of its convolutions and matrix products (recomputed forward
     convolutions included) as ``torch.utils.flop_counter`` counts them (see
-    ``FlopMeter``). Ops
-    outside PyTorch's dispatcher (mmcv's RoIAlign, NMS) and elementwise ops are
-    not counted.
+    ``FlopMeter``). Ops outside PyTorch's dispatcher (mmcv's RoIAlign, NMS)
+    and elementwise ops are not counted.
     """
 
     variant: str
@@ -208,6 +207,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     train_loss = _train_loss(model, data, part)
     with meter.measure(), cpu_autocast_fallbacks(model), autocast:
         loss = train_loss()
+    forward_rss_mib = _max_rss_mib()  # before any backward: the forward-only peak
     with FlopMeter() as flops:
         loss.backward()
     del loss
@@ -234,7 +234,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         result.peak_mib = torch.cuda.max_memory_allocated() / 2**20
         result.peak_kind = 'torch.cuda.max_memory_allocated'
     else:
-        result.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.peak_mib = _max_rss_mib() if steps else forward_rss_mib
         result.peak_kind = ('process max RSS (this variant in its own process'
                             + (', forward only)' if not steps else ')'))
     return result
@@ -266,6 +266,11 @@ def _num_classes(model_cfg) -> int:
         if sub is not None:
             return sub['num_classes']
     return 80
+
+
+def _max_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _now(device: str) -> float:
