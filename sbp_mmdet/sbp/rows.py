@@ -203,7 +203,7 @@ def _scatter_bands_(grad: Packed, first_in: Tensor, bands: Tensor) -> None:
     inside = positions >= 0
     if not bool(inside.all()):
         keep = torch.nonzero(inside).flatten()
-        rows, positions = rows.index_select(2, keep.to(rows.device)), positions[keep]
+        rows, positions = gather_rows(rows, keep), positions[keep]
     add_rows_(grad.data, positions, rows)
 
 
@@ -294,9 +294,8 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
         elif need_input:
             grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height)
             inside = (in_rows >= 0) & (in_rows < src.height)
-            if not bool(inside.all()):
-                gi = gi.index_select(2, torch.nonzero(inside).flatten().to(gi.device))
-            add_rows_(grad_in.data, grad_in.positions(in_rows[inside]), gi)
+            add_rows_(grad_in.data, grad_in.positions(in_rows[inside]),
+                      gather_rows(gi, torch.nonzero(inside).flatten()))
         return grad_in, gw, gb
     args = _conv_args(conv, geom.stride)
     # a stride-1 "same" conv whose input keeps the output's rows: the input gradient of each
