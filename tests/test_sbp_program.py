@@ -322,3 +322,41 @@ def test_no_grad_builds_no_graph():
     with torch.no_grad():
         y = bottleneck_program(modules)(x, iteration(MASKS['grid']), 4)
     assert y.grad_fn is None
+
+
+@pytest.mark.parametrize('per_image', [False, True])
+def test_row_sum_adds_every_contribution_once_into_a_zero_map(per_image):
+    from sbp_mmdet.sbp.rows import RowSum
+    torch.manual_seed(0)
+    shape = (2, 3, 7, 5)
+    kept, halo = torch.tensor([1, 2, 5]), torch.tensor([0, 1, 2, 3, 5, 6])
+    if per_image:
+        kept = torch.stack([kept, kept + 1])
+        halo = torch.stack([halo, torch.tensor([0, 2, 3, 4, 5, 6])])
+    parts = [(kept, torch.randn(2, 3, 3, 5)), (halo, torch.randn(2, 3, 6, 5)),
+             (kept.clone(), torch.randn(2, 3, 3, 5))]
+    total = RowSum(shape, torch.float64)
+    expected = torch.zeros(shape, dtype=torch.float64)
+    for rows, grad in parts:
+        total.add(rows, grad)
+        for i in range(2):
+            image_rows = rows[i] if per_image else rows
+            expected[i][:, image_rows] += grad[i].double()
+    assert len(total.parts) == 2  # equal row sets were summed packed
+    torch.testing.assert_close(total.full(torch.empty(0)), expected, rtol=0, atol=1e-12)
+    assert RowSum(shape, torch.float32).full(torch.empty(0)).count_nonzero() == 0
+
+
+def test_row_sum_of_every_row_returns_the_gradient_without_scattering_and_never_writes_it():
+    from sbp_mmdet.sbp.rows import RowSum
+    every, grad = torch.arange(4), torch.randn(1, 2, 4, 3)
+    alone = RowSum(grad.shape, grad.dtype)
+    alone.add(every, grad)
+    assert alone.full(grad) is grad
+    before, extra = grad.clone(), torch.randn(1, 2, 1, 3)
+    mixed = RowSum(grad.shape, grad.dtype)
+    mixed.add(every, grad)
+    mixed.add(torch.tensor([2]), extra)
+    out = mixed.full(grad)
+    torch.testing.assert_close(grad, before, rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, 2:3], before[:, :, 2:3] + extra)

@@ -56,7 +56,7 @@ from .bitmask import pack_bits, unpack_bits
 from .masks import SBPIteration
 from .norm import BatchNorm
 from .ops import Add, ConvMix, Mix, TailOp, is_relu, relu
-from .rows import Packed, add_rows_, gather_rows, union_rows
+from .rows import Packed, RowSum, gather_rows, union_rows
 
 INPUT = 'input'
 
@@ -329,12 +329,11 @@ class _Run:
         for name, grad in zip(self.program.outputs, grad_outputs):
             self._accumulate(name, self.kept[name], gather_rows(grad, self.kept[name]), grads,
                              None)
-        grad_input = grad_outputs[0].new_zeros(self.shapes[INPUT], dtype=self.dtype) \
-            if self.needs_input_grad else None
+        grad_input = RowSum(self.shapes[INPUT], self.dtype) if self.needs_input_grad else None
         param_grads: List[Optional[Tensor]] = []
         for unit in reversed(self.program.units):
             param_grads[:0] = self._unit_backward(unit, mixed, grads, grad_input)
-        return grad_input, param_grads
+        return None if grad_input is None else grad_input.full(grad_outputs[0]), param_grads
 
     def _exact_input_backward(self, mixed: Dict[str, Packed], grad_outputs: Sequence[Tensor]
                               ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
@@ -390,7 +389,7 @@ class _Run:
         return Packed(out, rows, self.heights[name])
 
     def _unit_backward(self, unit: Unit, mixed: Dict[str, Packed], grads: Dict[str, Tensor],
-                       grad_input: Optional[Tensor]) -> list:
+                       grad_input: Optional[RowSum]) -> list:
         kept = self.kept[unit.name]
         grad = grads.pop(unit.name, None)
         if grad is None or kept.shape[-1] == 0:
@@ -422,7 +421,7 @@ class _Run:
 
     def _tail_backward(self, unit: Unit, rerun: Sequence[TailOp], mixed: Dict[str, Packed],
                        kept: Tensor, grad: Tensor, grads: Dict[str, Tensor],
-                       grad_input: Optional[Tensor]) -> Tuple[Tensor, List[Optional[Tensor]]]:
+                       grad_input: Optional[RowSum]) -> Tuple[Tensor, List[Optional[Tensor]]]:
         """Gradients through the re-run tail (autograd on the kept rows).
 
         Returns the gradient of ``z`` at the kept rows and the tail ops'
@@ -448,7 +447,7 @@ class _Run:
         return found[0], [None if p is None else by_param.get(id(p)) for p in params]
 
     def _accumulate(self, name: str, rows: Tensor, grad: Tensor, grads: Dict[str, Tensor],
-                    grad_input: Optional[Tensor]) -> None:
+                    grad_input: Optional[RowSum]) -> None:
         """Add ``grad`` (at ``rows``) to the gradient of ``name``.
 
         The program input keeps every row it receives (a dense layer before
@@ -456,7 +455,7 @@ class _Run:
         """
         if name == INPUT:
             if grad_input is not None:
-                add_rows_(grad_input, rows, grad.to(grad_input.dtype))
+                grad_input.add(rows, grad)
             return
         grad = Packed(grad, rows, self.heights[name]).take(self.kept[name]).to(self.dtype)
         grads[name] = grad if name not in grads else grads[name] + grad

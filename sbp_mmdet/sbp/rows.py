@@ -54,6 +54,52 @@ def _row_index(positions: Tensor, shape: Sequence[int]) -> Tensor:
     return positions[:, None, :, None].expand(n, c, positions.shape[1], w)
 
 
+class RowSum:
+    """The sum of gradients that arrive at rows of one map, made full once.
+
+    Contributions at equal row sets are summed packed; ``full`` writes the
+    first row set into a zero map (``index_copy_``, or no copy when it holds
+    every row) and adds the others. Adding each contribution to a zero map as
+    it arrives would cost a scatter-add each (on the CPU a slow loop in half
+    precision).
+
+    Args:
+        shape: the ``(N, C, H, W)`` shape of the map.
+        dtype: the dtype of the full map.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+        self.parts: List[Tuple[Tensor, Tensor]] = []
+
+    def add(self, rows: Tensor, grad: Tensor) -> None:
+        """Add ``grad``, the gradient at ``rows`` (sorted and unique)."""
+        grad = grad.to(self.dtype)
+        for i, (known, total) in enumerate(self.parts):
+            if known.shape == rows.shape and torch.equal(known, rows):
+                self.parts[i] = (known, total + grad)
+                return
+        self.parts.append((rows, grad))
+
+    def full(self, like: Tensor) -> Tensor:
+        """The summed gradient as a full map (zeros where nothing arrived), on
+        ``like``'s device."""
+        if not self.parts:
+            return like.new_zeros(self.shape, dtype=self.dtype)
+        (rows, data), rest = self.parts[0], self.parts[1:]
+        n, c, height, w = self.shape
+        if rows.dim() == 1 and len(rows) == height:
+            out = data.clone() if rest else data  # every row, in order: no scatter
+        elif rows.dim() == 2:
+            out = data.new_zeros(self.shape).scatter_(2, _row_index(rows.to(data.device),
+                                                                    data.shape), data)
+        else:
+            out = data.new_zeros(self.shape).index_copy_(2, rows.to(data.device), data)
+        for rows, data in rest:
+            add_rows_(out, rows, data)
+        return out
+
+
 def stack_rows(parts: Sequence[Tensor], height: int) -> Tensor:
     """Per-image sorted row lists as one ``(N, R)`` tensor, ``R`` the longest
     list's length: shorter lists get absent rows added from the bottom up."""
