@@ -9,7 +9,8 @@ out of the input together with the ``k - 1`` halo rows its kernel needs, and
 all bands of one length go through the ordinary convolution kernels as one
 batch. Kernels of height 1 need no bands.
 
-Row indices live on the CPU; rows move with one indexing op per tensor (few
+Row indices live on the CPU (``to_device`` moves them to a GPU without a
+stream synchronisation); rows move with one indexing op per tensor (few
 large ops: on a busy CPU each op pays a thread-pool synchronisation), and
 shared rows with ``index_select``/``index_copy_`` rather than advanced
 indexing (``x[:, :, rows]``), which is several times slower on the CPU.
@@ -28,6 +29,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def to_device(index: Tensor, device: torch.device) -> Tensor:
+    """``index`` (row indices or a row mask, kept on the CPU) on ``device``.
+
+    To a GPU the copy goes through pinned memory and does not block: a plain
+    ``.to(device)`` from pageable memory makes the host wait for every kernel
+    already queued on the stream, once per row op. PyTorch's pinned-memory
+    cache keeps the staging buffer until the copy has run.
+    """
+    if index.device == device:
+        return index
+    if device.type == 'cuda':
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
     """``data[:, :, positions]``, per image for ``(N, R)`` positions (one
     indexing op; ``data`` itself for all rows)."""
@@ -35,16 +51,16 @@ def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
     if count == data.shape[2] and bool((positions == torch.arange(count)).all()):
         return data
     if positions.dim() == 2:
-        return torch.gather(data, 2, _row_index(positions.to(data.device), data.shape))
-    return data.index_select(2, positions.to(data.device))
+        return torch.gather(data, 2, _row_index(to_device(positions, data.device), data.shape))
+    return data.index_select(2, to_device(positions, data.device))
 
 
 def add_rows_(out: Tensor, positions: Tensor, src: Tensor) -> Tensor:
     """``out[:, :, positions] += src`` (per image for ``(N, R)`` positions);
     repeated positions accumulate."""
     if positions.dim() == 2:
-        return out.scatter_add_(2, _row_index(positions.to(out.device), src.shape), src)
-    return out.index_add_(2, positions.to(out.device), src)
+        return out.scatter_add_(2, _row_index(to_device(positions, out.device), src.shape), src)
+    return out.index_add_(2, to_device(positions, out.device), src)
 
 
 def _row_index(positions: Tensor, shape: Sequence[int]) -> Tensor:
@@ -91,10 +107,10 @@ class RowSum:
         if rows.dim() == 1 and len(rows) == height:
             out = data.clone() if rest else data  # every row, in order: no scatter
         elif rows.dim() == 2:
-            out = data.new_zeros(self.shape).scatter_(2, _row_index(rows.to(data.device),
+            out = data.new_zeros(self.shape).scatter_(2, _row_index(to_device(rows, data.device),
                                                                     data.shape), data)
         else:
-            out = data.new_zeros(self.shape).index_copy_(2, rows.to(data.device), data)
+            out = data.new_zeros(self.shape).index_copy_(2, to_device(rows, data.device), data)
         for rows, data in rest:
             add_rows_(out, rows, data)
         return out
@@ -223,8 +239,8 @@ def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
     if out is data:  # the clamped positions happen to be all rows: do not zero ``data``
         out = out.clone()
     if positions.dim() == 2:
-        return out.masked_fill_(absent[:, None, :, None].to(out.device), 0)
-    return out.index_fill_(2, torch.nonzero(absent).flatten().to(out.device), 0)
+        return out.masked_fill_(to_device(absent[:, None, :, None], out.device), 0)
+    return out.index_fill_(2, to_device(torch.nonzero(absent).flatten(), out.device), 0)
 
 
 def _band_positions(src: Packed, first_in: Tensor, length: int) -> Tensor:
@@ -298,7 +314,7 @@ def conv_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor) -> Tensor:
                        bias, args['stride'], args['padding'], args['dilation'], args['groups'])
         if out is None:
             out = res.new_empty(n, res.shape[1], len(out_rows), res.shape[3])
-        out.index_copy_(2, out_pos.to(out.device), _unband(res, n))
+        out.index_copy_(2, to_device(out_pos, out.device), _unband(res, n))
     return out
 
 
@@ -371,7 +387,8 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
             gi = torch.nn.grad.conv2d_input(
                 (grad_bands.shape[0], bands.shape[1], t, bands.shape[3]), weight, grad_bands,
                 conv.stride, conv.padding, conv.dilation, conv.groups)
-            grad_in.data.index_copy_(2, out_pos.to(gi.device), _unband(gi, src.data.shape[0]))
+            grad_in.data.index_copy_(2, to_device(out_pos, gi.device),
+                                     _unband(gi, src.data.shape[0]))
         elif need_input:
             _scatter_bands_(grad_in, first_in, gi)
         if mask[1]:
