@@ -103,7 +103,7 @@ class RowSum:
         if not self.parts:
             return like.new_zeros(self.shape, dtype=self.dtype)
         (rows, data), rest = self.parts[0], self.parts[1:]
-        n, c, height, w = self.shape
+        height = self.shape[2]
         if rows.dim() == 1 and len(rows) == height:
             out = data.clone() if rest else data  # every row, in order: no scatter
         elif rows.dim() == 2:
