@@ -88,6 +88,12 @@ def _run_variant(args, name, queue, log_path):
     queue.put(result.summary())
 
 
+# measured key -> its ratio to the dense variant of the same precision
+RATIOS = {'saved_mib': 'saved_vs_dense', 'backward_median_s': 'backward_vs_dense',
+          'backward_gflop': 'backward_gflop_vs_dense', 'step_median_s': 'step_vs_dense',
+          'peak_mib': 'peak_vs_dense'}
+
+
 def run_all(args) -> List[dict]:
     from mmengine.utils import ProgressBar
 
@@ -125,14 +131,9 @@ def run_all(args) -> List[dict]:
     for variant, row in zip(variants, rows):
         dense = next((r for v, r in zip(variants, rows)
                       if v.is_dense and r['precision'] == row['precision']), None)
-        for key in ('saved_mib', 'backward_median_s', 'backward_gflop', 'step_median_s',
-                    'peak_mib'):
+        for key, ratio in RATIOS.items():
             ref = dense and dense[key]
-            if row[key] is None:
-                row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = None
-                continue
-            row[key.replace('_mib', '').replace('_median_s', '') + '_vs_dense'] = (
-                row[key] / ref if ref else None)
+            row[ratio] = row[key] / ref if row[key] is not None and ref else None
     return rows
 
 
