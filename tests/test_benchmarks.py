@@ -346,6 +346,10 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.bbox_head.type=RetinaHeadSBP']
+    assert tool.variant_options('sbp@0.5:sbp_retina_head:head_exact:head_inverse_keep')[2:] == [
+        'model.bbox_head.sbp.exact_input_grad=True', 'model.bbox_head.sbp.grad_scale=inverse_keep']
+    with pytest.raises(ValueError, match='needs an SBP head'):
+        tool.variant_options('sbp@0.5:head_exact')
     assert tool.variant_options('sbp@0.5:neck=lateral:objects') == [
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(lateral,)',
         'model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']

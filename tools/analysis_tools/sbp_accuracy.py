@@ -14,7 +14,9 @@ gradients only, their inputs get the exact gradient; ``sbp.exact_input_grad``),
 ``:exact`` (``sbp.exact_input_grad`` in the backbone, the neck and an SBP head:
 SBP on the parameters' gradients only; needs ``norm_eval=True``),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
-instead of the dense head: SBP in the head too), ``:per_image`` (one mask per
+instead of the dense head: SBP in the head too), ``:head_exact`` and
+``:head_inverse_keep`` (with an SBP head: ``exact_input_grad``, or gradients
+scaled by 1/keep ratio, in the head only), ``:per_image`` (one mask per
 image), ``:objects`` (per-image masks keeping the rows that cover
 ground-truth boxes first; the config needs ``SBPHook``) and ``:recompute``
 (``sbp.recompute``: the same gradients at less memory, more backward time)
@@ -43,6 +45,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 NECK_CONVS = {'neck=lateral': '(lateral,)', 'neck=output': '(output,)',
               'neck=both': '(lateral,output)'}
 HEAD_PARTS = {'sbp_rpn_head': 'rpn_head', 'sbp_retina_head': 'bbox_head'}
+HEAD_SETTINGS = {'head_exact': 'exact_input_grad=True',
+                 'head_inverse_keep': 'grad_scale=inverse_keep'}
 HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
                  'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
 
@@ -82,7 +86,8 @@ def variant_options(name: str) -> List[str]:
         raise ValueError(f'unknown variant {name!r}: use dense or '
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
                          '[:neck=lateral|:neck=output|:neck=both][:exact_output|:exact]'
-                         '[:sbp_rpn_head|:sbp_retina_head][:per_image][:objects][:recompute]')
+                         '[:sbp_rpn_head|:sbp_retina_head][:head_exact][:head_inverse_keep]'
+                         '[:per_image][:objects][:recompute]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:
         if suffix == 'random':
@@ -106,6 +111,12 @@ def variant_options(name: str) -> List[str]:
             opts += [f'model.{part}.sbp.exact_input_grad=True' for part in parts]
         elif suffix in HEAD_SUFFIXES:
             opts.append(HEAD_SUFFIXES[suffix])
+        elif suffix in HEAD_SETTINGS:
+            heads = [HEAD_PARTS[s] for s in suffixes if s in HEAD_PARTS]
+            if not heads:
+                raise ValueError(f'variant {name!r}: :{suffix} needs an SBP head '
+                                 f'(:{" or :".join(HEAD_PARTS)})')
+            opts += [f'model.{part}.sbp.{HEAD_SETTINGS[suffix]}' for part in heads]
         elif suffix == 'per_image':
             opts.append('model.backbone.sbp.per_image=True')
         elif suffix == 'objects':
