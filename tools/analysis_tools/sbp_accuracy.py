@@ -63,6 +63,10 @@ def parse_args(argv=None):
     parser.add_argument('--out-dir', default='outputs/sbp_accuracy')
     parser.add_argument('--cfg-options', nargs='+', default=[],
                         help='extra key=value options for every run')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads of each training and test run (OMP_NUM_THREADS); '
+                        'default: the environment\'s. Two studies at a time on a 2-core CPU '
+                        'want 1: oversubscribed cores ran 8x slower')
     parser.add_argument('--reuse', action='store_true',
                         help='reuse a run whose work dir already holds its result.json from '
                              'the same options and config settings (to extend or resume a '
@@ -136,11 +140,16 @@ def git_commit() -> str:
     return commit + ('+dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
 
 
-def run(cmd: List[str], log_file: str) -> None:
-    """Run ``cmd`` in the repository with its whole output in ``log_file``."""
+def run(cmd: List[str], log_file: str, threads: Optional[int] = None) -> None:
+    """Run ``cmd`` in the repository with its whole output in ``log_file``, with
+    ``threads`` torch threads if given."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env['OMP_NUM_THREADS'] = str(threads)
     with open(log_file, 'w') as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                              env=env)
     if proc.returncode:
         with open(log_file) as log:
             tail = log.read()[-3000:]
@@ -207,14 +216,14 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
     start = time.time()
     print(f'  training (log: {work}/train.log)', flush=True)
     run([python, 'tools/train.py', args.config, '--work-dir', work, '--cfg-options', *opts],
-        os.path.join(work, 'train.log'))
+        os.path.join(work, 'train.log'), args.threads)
     train_s = time.time() - start
     with open(os.path.join(work, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()
     test_dir = os.path.join(work, 'test')
     print(f'  evaluating (log: {work}/test.log)', flush=True)
     run([python, 'tools/test.py', args.config, checkpoint, '--work-dir', test_dir,
-         '--cfg-options', *opts], os.path.join(work, 'test.log'))
+         '--cfg-options', *opts], os.path.join(work, 'test.log'), args.threads)
     logs = sorted(p for p in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, p)))
     metrics_file = next(os.path.join(test_dir, logs[-1], f) for f in
                         os.listdir(os.path.join(test_dir, logs[-1])) if f.endswith('.json'))
