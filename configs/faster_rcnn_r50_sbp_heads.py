@@ -5,4 +5,6 @@
 # (3 seeds; at keep 0.5 it cost 5.2; README, Accuracy).
 _base_ = './faster_rcnn_r50_sbp.py'
 
-model = dict(rpn_head=dict(type='RPNHeadSBP'))
+# The head recomputes its 3x3 conv's output in backward (recompute='all'): it stores its
+# input alone, for the same gradients.
+model = dict(rpn_head=dict(type='RPNHeadSBP', sbp=dict(recompute='all')))

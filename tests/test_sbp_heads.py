@@ -72,15 +72,19 @@ def reference_units(dense, sbp_model, iteration, neck_levels):
     [(20, 28)] * 2,  # 1-row coarse levels
 ])
 @pytest.mark.parametrize('detector', ['faster_rcnn', 'retinanet'])
-def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes):
+@pytest.mark.parametrize('head_recompute', [False, 'all'], ids=['store', 'recompute_all'])
+def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes,
+                                                                  head_recompute):
     cfg_of = faster_rcnn_cfg if detector == 'faster_rcnn' else small_retinanet_cfg
-    sbp_model = build_detector(cfg_of(True))
+    head_name = 'rpn_head' if detector == 'faster_rcnn' else 'bbox_head'
+    cfg = cfg_of(True)
+    cfg[head_name].sbp = dict(recompute=head_recompute)
+    sbp_model = build_detector(cfg)
     dense = build_detector(cfg_of(False))
     dense.load_state_dict(sbp_model.state_dict())
     data = preprocessed_batch(sbp_model, shapes)
     loss = total_loss(sbp_model, data)
     iteration = sbp_model.backbone.sbp_iteration
-    head_name = 'rpn_head' if detector == 'faster_rcnn' else 'bbox_head'
     assert getattr(sbp_model, head_name).sbp_iteration is iteration
     height = data['inputs'].shape[2]
     levels = [(0, 4), (1, 8), (2, 16), (3, 32)] if detector == 'faster_rcnn' else \
@@ -160,6 +164,34 @@ def test_heads_are_drop_in_and_refuse_inputs_without_a_mask(sbp_cls, dense_cls, 
     with torch.no_grad():
         for a, b in zip(head(feats), dense(feats)):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def retina_head_saved_bytes(head_sbp) -> int:
+    """Bytes the RetinaNet head saves for backward, with ``head_sbp`` as its
+    ``sbp`` (None: the dense head), on one 256x320 batch."""
+    cfg = small_retinanet_cfg(head_sbp is not None)
+    cfg.bbox_head.stacked_convs = 4  # RetinaNet's towers
+    if head_sbp is not None:
+        cfg.backbone.sbp.sampling = 'grid'  # the configs' mask
+        cfg.bbox_head.sbp = head_sbp
+    model = build_detector(cfg)
+    meter = SavedTensorMeter(model, {'bbox_head': model.bbox_head})
+    with meter.measure():
+        total_loss(model, preprocessed_batch(model, [(256, 320)] * 2))
+    return meter.by_component['bbox_head']
+
+
+def test_retina_head_recomputing_its_towers_stores_their_inputs_only():
+    """At keep 0.5 with grid cells of 2 rows every tower layer's kept rows plus
+    halo cover P4 and most of P3, so the storing head saves most of what the
+    dense head saves (0.78x); with ``recompute='all'`` the covered levels keep
+    only their input, 1 of the 9 maps a level stores densely (0.17x: P5-P7
+    are dense)."""
+    dense = retina_head_saved_bytes(None)
+    stored = retina_head_saved_bytes(dict())
+    recomputed = retina_head_saved_bytes(dict(recompute='all'))
+    assert stored > 0.7 * dense
+    assert recomputed < 0.25 * dense
 
 
 def test_rpn_head_saves_much_less_for_backward():

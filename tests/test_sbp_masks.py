@@ -81,7 +81,7 @@ def test_strides_coarser_than_the_base_are_not_covered():
      "sampling must be one of the registered mask policies \\['grid', 'objects', .*'random'\\], "
      "got 'checkerboard'"),
     (dict(grad_scale='sqrt'), 'grad_scale must be one of'),
-    (dict(recompute='yes'), 'recompute must be True or False'),
+    (dict(recompute='yes'), "recompute must be True, False or 'all'"),
 ])
 def test_bad_settings_name_the_key_and_allowed_values(cfg, error):
     with pytest.raises((ValueError, TypeError), match=error):

@@ -197,6 +197,8 @@ def test_configs_build(config):
     assert isinstance(model.backbone, ResNetSBP) and isinstance(model.neck, FPNSBP)
     head = model.rpn_head if hasattr(model, 'rpn_head') else model.bbox_head
     assert isinstance(head, (RPNHeadSBP, RetinaHeadSBP)) == config.endswith('_heads.py')
+    if config.endswith('_heads.py'):  # the towers recompute: they store their inputs alone
+        assert head.sbp_cfg.recompute == 'all'
     assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
 
 

@@ -91,8 +91,12 @@ def assert_same(modules, ref_modules, x, x_ref, y, y_ref, param_scale=1.0):
         torch.testing.assert_close(a, b)  # running statistics updated once, identically
 
 
+RECOMPUTE = dict(argnames='recompute', argvalues=[False, True, 'all'],
+                 ids=['store', 'recompute', 'recompute_all'])
+
+
 @pytest.mark.parametrize('train', [True, False], ids=['train_bn', 'eval_bn'])
-@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize(**RECOMPUTE)
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
 @pytest.mark.parametrize('height', [32, 29, 3])
 def test_bottleneck_matches_the_reference(train, recompute, mask, height):
@@ -100,12 +104,50 @@ def test_bottleneck_matches_the_reference(train, recompute, mask, height):
                          (2, 16, height, 11), MASKS[mask], recompute=recompute))
 
 
-@pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
+@pytest.mark.parametrize(**RECOMPUTE)
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
 @pytest.mark.parametrize('height', [16, 13, 1])
 def test_basic_block_with_3x3_input_conv_matches_the_reference(recompute, mask, height):
     assert_same(*compare(basic, basic_program, (2, 8, height, 7), MASKS[mask],
                          stride=8, recompute=recompute))
+
+
+def tower(depth=3, channels=8) -> nn.ModuleDict:
+    """A dense head's tower: 3x3 conv + ReLU layers, then a 3x3 output conv."""
+    convs = {f'conv{i}': nn.Conv2d(channels, channels, 3, 1, 1) for i in range(depth)}
+    return nn.ModuleDict(dict(convs, out=nn.Conv2d(channels, 5, 3, 1, 1)))
+
+
+def tower_program(m) -> SBPProgram:
+    depth = len(m) - 1
+    units = [conv_unit(f'conv{i}', f'conv{i - 1}' if i else 'input', m[f'conv{i}'],
+                       relu_after=True) for i in range(depth)]
+    return SBPProgram(units + [conv_unit('out', f'conv{depth - 1}', m['out'])])
+
+
+@pytest.mark.parametrize(**RECOMPUTE)
+@pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize('height', [40, 23, 1])
+def test_head_tower_matches_the_reference(recompute, mask, height):
+    assert_same(*compare(tower, tower_program, (2, 8, height, 9), MASKS[mask], stride=4,
+                         recompute=recompute))
+
+
+def test_recompute_all_stores_only_the_tower_input_at_its_halo_rows():
+    """A tower's every layer feeds a 3x3 conv, so ``recompute=True`` stores each
+    layer's output at kept rows plus halo; ``'all'`` stores the input alone, at
+    the rows the layers' stacked halos reach."""
+    torch.manual_seed(0)
+    n, c, h, w = 2, 16, 64, 24
+    modules = tower(depth=3, channels=c)
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    mask = [True, True, False, False, False, False] * 3  # kept 8, dropped 16 rows at stride 4
+    it = iteration(mask)
+    kept = it.kept_rows(4, h)
+    reach = torch.unique(torch.clamp(kept[:, None] + torch.arange(-4, 5), 0, h - 1))
+    stored = saved_bytes(tower_program, modules, x, mask, recompute=True)
+    recomputed_all = saved_bytes(tower_program, modules, x, mask, recompute='all')
+    assert recomputed_all == n * c * len(reach) * w * 4 < 0.5 * stored
 
 
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))

@@ -1,6 +1,6 @@
 """Validated SBP settings shared by every SBP module."""
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from .policies import MASK_POLICIES, build_mask_policy
 
@@ -33,10 +33,16 @@ class SBPConfig:
             gradients as the sum over kept positions; ``'inverse_keep'``
             divides them by the realised keep fraction so that their
             expectation matches the dense gradient. Default: ``'none'``.
-        recompute (bool): store only what cannot be recomputed cheaply (the
-            inputs of k x k convolutions on the kept region) and recompute the
-            rest of each block in backward, on the kept region only: SBP
-            combined with checkpointing. Default: False.
+        recompute (bool | str): ``True`` stores only what cannot be
+            recomputed cheaply (the inputs of k x k convolutions on the kept
+            region) and recomputes the rest of each block in backward, on the
+            kept region only: SBP combined with checkpointing. ``'all'``
+            stores only each block's input (at the rows its convolutions'
+            halos reach) and recomputes every layer of the block in backward:
+            the choice for towers of equally wide k x k convs (dense heads),
+            where every layer feeds a k x k conv; in bottlenecks, whose input
+            is wider than their 3x3 conv's, ``True`` stores less. The same
+            gradients either way. Default: False.
         exact_input_grad (bool): SBP on the parameters' gradients only: every
             layer's input gets the exact gradient of every row (computed from
             the weights, eval-mode BatchNorm scales and the ReLUs' signs, kept
@@ -52,7 +58,7 @@ class SBPConfig:
     per_image: bool = False
     grid_cell: int = 2
     grad_scale: str = 'none'
-    recompute: bool = False
+    recompute: Union[bool, str] = False
     exact_input_grad: bool = False
 
     def __post_init__(self) -> None:
@@ -70,9 +76,11 @@ class SBPConfig:
         if self.grad_scale not in GRAD_SCALES:
             raise ValueError(f'sbp.grad_scale must be one of {GRAD_SCALES}, '
                              f'got {self.grad_scale!r}')
-        for key in ('recompute', 'exact_input_grad'):
-            if not isinstance(getattr(self, key), bool):
-                raise TypeError(f'sbp.{key} must be True or False, got {getattr(self, key)!r}')
+        if not (isinstance(self.recompute, bool) or self.recompute == 'all'):
+            raise ValueError(f"sbp.recompute must be True, False or 'all', got {self.recompute!r}")
+        if not isinstance(self.exact_input_grad, bool):
+            raise TypeError(f'sbp.exact_input_grad must be True or False, '
+                            f'got {self.exact_input_grad!r}')
 
     @classmethod
     def from_dict(cls, cfg: Optional[Mapping[str, Any]], extra_keys: tuple = (),

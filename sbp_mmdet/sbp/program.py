@@ -20,7 +20,10 @@ gradients. The program input is saved at the rows its consumers read, through
 ``SBPIteration.pack`` so that a map read by several SBP layers is stored once.
 With ``recompute=True`` only the units that feed a k x k convolution keep their
 ``z``; the others are recomputed in backward on the kept rows (SBP combined
-with checkpointing on the kept region). A unit without a row-mixing op stores
+with checkpointing on the kept region). With ``recompute='all'`` no unit keeps
+its ``z``: the program input is saved at every row that recomputing the units
+reads (their halos widen it, unit by unit), and backward recomputes each unit
+at the rows it needs, in program order. A unit without a row-mixing op stores
 nothing: its ``z`` is its source.
 
 With ``exact_input_grad=True`` a program whose units are a convolution
@@ -186,9 +189,10 @@ class SBPProgram:
                 op.check_input_grad()
 
     def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
-                 recompute: bool = False, grad_scale: str = 'none',
+                 recompute: Union[bool, str] = False, grad_scale: str = 'none',
                  exact_input_grad: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
-        """Run the program with SBP on ``x`` (a map at ``stride``)."""
+        """Run the program with SBP on ``x`` (a map at ``stride``); ``recompute``:
+        ``False``, ``True`` or ``'all'`` (see the module docstring)."""
         for unit in self.units:
             for op in unit.tail:
                 op.check_call()
@@ -212,7 +216,7 @@ class _Run:
     """One call of a program: plans rows, stores what backward needs."""
 
     def __init__(self, program: SBPProgram, iteration: SBPIteration, stride: int,
-                 recompute: bool, grad_scale: str, dtype: torch.dtype,
+                 recompute: Union[bool, str], grad_scale: str, dtype: torch.dtype,
                  exact_input_grad: bool = False) -> None:
         self.program = program
         self.units = {unit.name: unit for unit in program.units}
@@ -270,7 +274,13 @@ class _Run:
         units = self.program.units
         self.kept = {name: self.iteration.kept_rows(self.strides[name], self.heights[name])
                      for name in self.heights}
-        halo_fed = {u.source for u in units if u.mix.geometry.kernel > 1}
+        # the units whose z is stored (where backward reads it) rather than recomputed
+        if self.recompute == 'all':
+            stores_z = set()
+        elif self.recompute:  # those feeding a k x k conv
+            stores_z = {u.source for u in units if u.mix.geometry.kernel > 1}
+        else:
+            stores_z = {u.name for u in units}
         value_rows: Dict[str, List[Tensor]] = {name: [] for name in self.heights}
         for unit in units:
             value_rows[unit.source].append(
@@ -292,7 +302,7 @@ class _Run:
             for op in unit.tail:
                 if op.reads is not None:
                     value_rows[op.reads].append(rows)
-            if not unit.mix.stores or (self.recompute and unit.name not in halo_fed):
+            if not unit.mix.stores or unit.name not in stores_z:
                 value_rows[unit.source].append(unit.mix.reads(rows, self.heights[unit.source]))
             else:
                 self.stored_rows[unit.name] = rows

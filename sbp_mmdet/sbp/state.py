@@ -25,8 +25,8 @@ class SBPState:
     cfg: SBPConfig
 
     def run(self, program: SBPProgram, x: Tensor, recompute: bool = False) -> Tensor:
-        """Run ``program`` on ``x``; ``recompute`` adds to ``cfg.recompute`` (a
-        layer's ``with_cp``)."""
+        """Run ``program`` on ``x``; ``recompute=True`` (a layer's ``with_cp``)
+        recomputes at least as much as ``cfg.recompute=True``."""
         return program(x, self.iteration, self.stride, recompute=self.cfg.recompute or recompute,
                        grad_scale=self.cfg.grad_scale,
                        exact_input_grad=self.cfg.exact_input_grad)

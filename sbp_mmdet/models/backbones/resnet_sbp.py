@@ -166,9 +166,11 @@ class ResNetSBP(SBPResNetMixin, ResNet):
               mask kept or dropped together. Default 2; taller cells save
               more (a smaller share of 3x3 halo rows).
             - ``grad_scale`` (str): ``'none'`` (default) or ``'inverse_keep'``.
-            - ``recompute`` (bool): recompute block internals on the kept rows
-              in backward instead of storing them. Default False. A block with
-              ``with_cp=True`` recomputes as if this were True.
+            - ``recompute`` (bool | str): recompute block internals on the
+              kept rows in backward instead of storing them: ``True`` keeps
+              the inputs of 3x3 convs, ``'all'`` only each block's input (more
+              for bottlenecks; see ``SBPConfig``). Default False. A block with
+              ``with_cp=True`` recomputes at least as if this were True.
             - ``stages`` (Sequence[bool]): SBP per stage, e.g.
               ``(False, True, True, False)``.
             - ``blocks`` (Sequence[Sequence[bool]]): SBP per block of each

@@ -16,10 +16,12 @@ class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
     outputs. Put it behind an SBP neck (``FPNSBP``).
 
     Args:
-        sbp (dict, optional): ``grad_scale``, ``recompute``,
-            ``exact_input_grad`` (see ``SBPConfig``; with it the neck gets
-            every row's gradient); ``keep_ratio``/``sampling``/``per_image``,
-            if given, must agree with the mask it follows. Default: None.
+        sbp (dict, optional): ``grad_scale``, ``recompute`` (``'all'``
+            stores only each level's input and recomputes the tower in
+            backward), ``exact_input_grad`` (see ``SBPConfig``; with it the
+            neck gets every row's gradient); ``keep_ratio``/``sampling``/
+            ``per_image``, if given, must agree with the mask it follows.
+            Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RetinaHead``.
     """
 
