@@ -348,6 +348,8 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.5', 'model.bbox_head.type=RetinaHeadSBP']
     assert tool.variant_options('sbp@0.5:sbp_retina_head:head_exact:head_inverse_keep')[2:] == [
         'model.bbox_head.sbp.exact_input_grad=True', 'model.bbox_head.sbp.grad_scale=inverse_keep']
+    assert tool.variant_options('sbp@0.5:sbp_rpn_head:head_dense_outputs')[2:] == [
+        'model.rpn_head.sbp.dense_outputs=True']
     with pytest.raises(ValueError, match='needs an SBP head'):
         tool.variant_options('sbp@0.5:head_exact')
     assert tool.variant_options('sbp@0.5:neck=lateral:objects') == [

@@ -44,9 +44,10 @@ def exact_input_grad_cfg(detector: str) -> dict:
     return cfg
 
 
-def head_hooks(head, iteration, image_height):
+def head_hooks(head, iteration, image_height, dense=()):
     """Mask the head's unit outputs (convs and conv modules) per level, on the
-    levels whose stride the mask covers (the others run densely)."""
+    levels whose stride the mask covers (the others run densely), except the
+    modules of ``dense``."""
     def hook(module, args, output):
         stride = next(s for s in (4, 8, 16, 32, 64, 128)
                       if math.ceil(image_height / s) == output.shape[2])
@@ -54,7 +55,14 @@ def head_hooks(head, iteration, image_height):
             return output
         return masked(output, row_mask(iteration, stride, output))
     return [m.register_forward_hook(hook) for m in head.modules()
-            if isinstance(m, torch.nn.Conv2d) or type(m).__name__ == 'ConvModule']
+            if (isinstance(m, torch.nn.Conv2d) or type(m).__name__ == 'ConvModule')
+            and m not in dense]
+
+
+def output_convs(head):
+    """The head's classification and regression convs."""
+    return [getattr(head, name) for name in ('rpn_cls', 'rpn_reg', 'retina_cls', 'retina_reg')
+            if hasattr(head, name)]
 
 
 def reference_units(dense, sbp_model, iteration, neck_levels):
@@ -72,13 +80,17 @@ def reference_units(dense, sbp_model, iteration, neck_levels):
     [(20, 28)] * 2,  # 1-row coarse levels
 ])
 @pytest.mark.parametrize('detector', ['faster_rcnn', 'retinanet'])
-@pytest.mark.parametrize('head_recompute', [False, 'all'], ids=['store', 'recompute_all'])
-def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes,
-                                                                  head_recompute):
+@pytest.mark.parametrize('head_sbp', [
+    dict(recompute=False), dict(recompute='all'), dict(dense_outputs=True),
+    dict(dense_outputs=True, recompute='all')],
+    ids=['store', 'recompute_all', 'dense_outputs', 'dense_outputs_recompute_all'])
+def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes, head_sbp):
+    """With ``dense_outputs`` the reference masks the towers only: the output
+    convs' weights learn from every row."""
     cfg_of = faster_rcnn_cfg if detector == 'faster_rcnn' else small_retinanet_cfg
     head_name = 'rpn_head' if detector == 'faster_rcnn' else 'bbox_head'
     cfg = cfg_of(True)
-    cfg[head_name].sbp = dict(recompute=head_recompute)
+    cfg[head_name].sbp = head_sbp
     sbp_model = build_detector(cfg)
     dense = build_detector(cfg_of(False))
     dense.load_state_dict(sbp_model.state_dict())
@@ -90,7 +102,9 @@ def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shap
     levels = [(0, 4), (1, 8), (2, 16), (3, 32)] if detector == 'faster_rcnn' else \
         [(0, 8), (1, 16), (2, 32)]
     add_reference_hooks(reference_units(dense, sbp_model, iteration, levels), iteration, height)
-    head_hooks(getattr(dense, head_name), iteration, height)
+    dense_head = getattr(dense, head_name)
+    head_hooks(dense_head, iteration, height,
+               dense=output_convs(dense_head) if head_sbp.get('dense_outputs') else ())
     ref_loss = total_loss(dense, data)
     assert torch.equal(loss, ref_loss)
     loss.backward()
@@ -141,6 +155,12 @@ def test_exact_input_grad_of_a_head_is_checked_at_build_time():
                                         'BatchNorm in eval mode'):
         RetinaHeadSBP(num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
                       norm_cfg=dict(type='BN'), sbp=dict(exact_input_grad=True))
+
+
+def test_dense_outputs_is_checked_at_build_time():
+    with pytest.raises(TypeError, match="RPNHeadSBP: sbp.dense_outputs must be True or False, "
+                                        "got 'yes'"):
+        RPNHeadSBP(in_channels=16, feat_channels=16, sbp=dict(dense_outputs='yes'))
 
 
 @pytest.mark.parametrize('sbp_cls,dense_cls,kwargs', [

@@ -150,6 +150,20 @@ def test_recompute_all_stores_only_the_tower_input_at_its_halo_rows():
     assert recomputed_all == n * c * len(reach) * w * 4 < 0.5 * stored
 
 
+def test_split_outputs_leaves_the_trunk_and_returns_the_output_layers():
+    """A head's two output convs on one shared tower layer: the trunk ends at
+    that layer, output once."""
+    m = tower(depth=2)
+    head = SBPProgram([conv_unit('conv0', 'input', m['conv0'], relu_after=True),
+                       conv_unit('conv1', 'conv0', m['conv1'], relu_after=True),
+                       conv_unit('cls', 'conv1', m['out']), conv_unit('reg', 'conv1', m['out'])],
+                      outputs=('cls', 'reg'), where='head')
+    trunk, outputs = head.split_outputs()
+    assert [unit.name for unit in trunk.units] == ['conv0', 'conv1']
+    assert trunk.outputs == ('conv1',) and trunk.where == 'head'
+    assert [unit.name for unit in outputs] == ['cls', 'reg']
+
+
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
 def test_conv_with_bias_and_no_norm_matches_the_reference(mask):
     assert_same(*compare(fpn_output, fpn_program, (2, 8, 19, 9), MASKS[mask]))
@@ -164,6 +178,21 @@ def conv_pair(kernel=3, stride=1, bias=True) -> nn.ModuleDict:
 def conv_pair_program(m, relu_between=False) -> SBPProgram:
     return SBPProgram([conv_unit('first', 'input', m['first'], relu_after=relu_between),
                        conv_unit('second', 'first', m['second'])])
+
+
+@pytest.mark.parametrize('units,outputs,refused', [
+    (lambda m: [conv_unit('first', 'input', m['first']),
+                conv_unit('second', 'first', m['second'], relu_after=True)], None, 'second'),
+    (lambda m: [conv_unit('first', 'input', m['first']),
+                conv_unit('second', 'first', m['second'])], ('first', 'second'), 'first'),
+    (lambda m: [conv_unit('first', 'input', m['first'])], None, 'first'),
+], ids=['with_tail', 'read_by_a_unit', 'on_the_input'])
+def test_split_outputs_refuses_outputs_that_are_not_a_last_single_layer(units, outputs, refused):
+    program = SBPProgram(units(conv_pair()), outputs, where='pair')
+    with pytest.raises(ValueError, match=f'pair: dense outputs need output units that are a '
+                                         f'single layer on an SBP unit and read by no other '
+                                         f"unit; '{refused}' is not"):
+        program.split_outputs()
 
 
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))

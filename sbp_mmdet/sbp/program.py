@@ -161,6 +161,32 @@ class SBPProgram:
             strides[unit.name] = strides[unit.source] * unit.mix.geometry.stride
         return max(strides.values())
 
+    def split_outputs(self) -> Tuple['SBPProgram', Tuple[Unit, ...]]:
+        """This program without its output units, and those units, to run densely.
+
+        The returned program outputs the output units' sources (each once, in
+        order of first use). A caller runs it with SBP and each output unit
+        densely on its source's value (``unit.mix.forward``), so that the
+        output layers' weights learn from every row, as the paper's dense last
+        blocks do (a head's ``sbp.dense_outputs``).
+
+        Raises:
+            ValueError: if an output unit has a tail, is read by another unit,
+                or reads the program input directly, naming the program.
+        """
+        units = {unit.name: unit for unit in self.units}
+        heads = tuple(units[name] for name in self.outputs)
+        trunk = [unit for unit in self.units if unit.name not in self.outputs]
+        read = {name for unit in trunk
+                for name in [unit.source] + [op.reads for op in unit.tail if op.reads]}
+        for unit in heads:
+            if unit.tail or unit.name in read or unit.source == INPUT:
+                raise ValueError(
+                    f'{self.where}: dense outputs need output units that are a single '
+                    f'layer on an SBP unit and read by no other unit; {unit.name!r} is not')
+        sources = tuple(dict.fromkeys(unit.source for unit in heads))
+        return SBPProgram(trunk, outputs=sources, where=self.where), heads
+
     def check_exact_input_grad(self, where: Optional[str] = None, modes: bool = True) -> None:
         """Raise unless the program can give its input the exact gradient.
 

@@ -14,9 +14,10 @@ gradients only, their inputs get the exact gradient; ``sbp.exact_input_grad``),
 ``:exact`` (``sbp.exact_input_grad`` in the backbone, the neck and an SBP head:
 SBP on the parameters' gradients only; needs ``norm_eval=True``),
 ``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
-instead of the dense head: SBP in the head too), ``:head_exact`` and
-``:head_inverse_keep`` (with an SBP head: ``exact_input_grad``, or gradients
-scaled by 1/keep ratio, in the head only), ``:per_image`` (one mask per
+instead of the dense head: SBP in the head too), ``:head_exact``,
+``:head_inverse_keep`` and ``:head_dense_outputs`` (with an SBP head:
+``exact_input_grad``, gradients scaled by 1/keep ratio, or ``dense_outputs``:
+SBP on the tower only, in the head only), ``:per_image`` (one mask per
 image), ``:objects`` (per-image masks keeping the rows that cover
 ground-truth boxes first; the config needs ``SBPHook``) and ``:recompute``
 (``sbp.recompute``: the same gradients at less memory, more backward time)
@@ -46,7 +47,8 @@ NECK_CONVS = {'neck=lateral': '(lateral,)', 'neck=output': '(output,)',
               'neck=both': '(lateral,output)'}
 HEAD_PARTS = {'sbp_rpn_head': 'rpn_head', 'sbp_retina_head': 'bbox_head'}
 HEAD_SETTINGS = {'head_exact': 'exact_input_grad=True',
-                 'head_inverse_keep': 'grad_scale=inverse_keep'}
+                 'head_inverse_keep': 'grad_scale=inverse_keep',
+                 'head_dense_outputs': 'dense_outputs=True'}
 HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
                  'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
 
@@ -91,6 +93,7 @@ def variant_options(name: str) -> List[str]:
                          'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
                          '[:neck=lateral|:neck=output|:neck=both][:exact_output|:exact]'
                          '[:sbp_rpn_head|:sbp_retina_head][:head_exact][:head_inverse_keep]'
+                         '[:head_dense_outputs]'
                          '[:per_image][:objects][:recompute]')
     opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
     for suffix in suffixes:

@@ -18,7 +18,9 @@ class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
         sbp (dict, optional): ``grad_scale``, ``recompute`` (``'all'``
             stores only each level's input and recomputes the tower in
             backward), ``exact_input_grad`` (see ``SBPConfig``; with it the
-            neck gets every row's gradient); ``keep_ratio``/``sampling``/
+            neck gets every row's gradient), ``dense_outputs`` (True: the
+            classification and regression convs run densely, SBP on the
+            tower only); ``keep_ratio``/``sampling``/
             ``per_image``, if given, must agree with the mask it follows.
             Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RPNHead``.

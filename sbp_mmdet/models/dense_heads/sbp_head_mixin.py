@@ -14,17 +14,26 @@ class SBPDenseHeadMixin(SBPModuleMixin):
     stride; levels coarser than the base mask run densely (``forward_single``).
     A subclass declares ``sbp_program()``, whose outputs are those of
     ``forward_single`` in order; ``__init__`` takes the head's arguments plus
-    ``sbp`` (keys: see ``SBPModuleMixin``) and builds the program once, so
-    that unsupported layers fail at build time. With ``exact_input_grad=True``
-    the head's SBP is on its weight gradients only: the neck gets the exact
-    gradient of every row, so the head cuts no gradient path into the FPN's
-    top-down path and the backbone.
+    ``sbp`` (keys: see ``SBPModuleMixin``, plus ``dense_outputs``) and builds
+    the program once, so that unsupported layers fail at build time. With
+    ``exact_input_grad=True`` the head's SBP is on its weight gradients only:
+    the neck gets the exact gradient of every row, so the head cuts no
+    gradient path into the FPN's top-down path and the backbone. With
+    ``dense_outputs=True`` (default False) the program's output layers (the
+    classification and regression convs) run densely, learning from every
+    row, and SBP covers the tower only (``SBPProgram.split_outputs``).
     """
 
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.init_sbp(sbp)
+        extras = self.init_sbp(sbp, extra_keys=('dense_outputs',))
+        self.sbp_dense_outputs = extras.get('dense_outputs', False)
+        if not isinstance(self.sbp_dense_outputs, bool):
+            raise TypeError(f'{self.sbp_name}: sbp.dense_outputs must be True or False, got '
+                             f'{self.sbp_dense_outputs!r}')
         program = self.sbp_program()  # fail at build time on unsupported layers
+        if self.sbp_dense_outputs:
+            program, _ = program.split_outputs()
         if self.sbp_cfg.exact_input_grad:
             program.check_exact_input_grad()
 
@@ -41,6 +50,14 @@ class SBPDenseHeadMixin(SBPModuleMixin):
         return tuple(map(list, zip(*outs)))
 
     def _sbp_level(self, x: Tensor, stride: int, iteration: SBPIteration) -> tuple:
-        program = self.sbp_program()
+        program, dense_units = self.sbp_program(), ()
+        if self.sbp_dense_outputs:
+            program, dense_units = program.split_outputs()
         state = self.sbp_state(iteration, stride, program)
-        return self.forward_single(x) if state is None else state.run(program, x)
+        if state is None:
+            return self.forward_single(x)
+        outs = state.run(program, x)
+        if not dense_units:
+            return outs
+        values = dict(zip(program.outputs, outs if isinstance(outs, tuple) else (outs,)))
+        return tuple(unit.mix.forward(values[unit.source]) for unit in dense_units)
