@@ -30,7 +30,7 @@ class SBPDenseHeadMixin(SBPModuleMixin):
         self.sbp_dense_outputs = extras.get('dense_outputs', False)
         if not isinstance(self.sbp_dense_outputs, bool):
             raise TypeError(f'{self.sbp_name}: sbp.dense_outputs must be True or False, got '
-                             f'{self.sbp_dense_outputs!r}')
+                            f'{self.sbp_dense_outputs!r}')
         program = self.sbp_program()  # fail at build time on unsupported layers
         if self.sbp_dense_outputs:
             program, _ = program.split_outputs()
