@@ -18,21 +18,25 @@ from .hooks import SBPHook
 BACKBONE_STEM = ('conv1', 'bn1', 'stem')
 
 
-def parameter_group(name: str) -> str:
-    """The group of a detector parameter: ``backbone.layer2``, ``neck``, ``rpn_head``..."""
+def parameter_group(name: str, split_heads: bool = False) -> str:
+    """The group of a detector parameter: ``backbone.layer2``, ``neck``, ``rpn_head``...;
+    with ``split_heads`` a head's layers are groups of their own (``bbox_head.cls_convs``,
+    ``bbox_head.retina_cls``...)."""
     parts = name.split('.')
     if parts[0] == 'backbone' and len(parts) > 2:
         return 'backbone.stem' if parts[1] in BACKBONE_STEM else f'backbone.{parts[1]}'
+    if split_heads and parts[0].endswith('_head') and len(parts) > 2:
+        return f'{parts[0]}.{parts[1]}'
     return parts[0]
 
 
-def group_gradients(model: nn.Module) -> Dict[str, Tensor]:
+def group_gradients(model: nn.Module, split_heads: bool = False) -> Dict[str, Tensor]:
     """The parameter gradients of ``model`` concatenated per group (fp64)."""
     chunks: Dict[str, List[Tensor]] = defaultdict(list)
     for name, param in model.named_parameters():
         if param.requires_grad:  # a parameter this loss does not reach counts as zero
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            chunks[parameter_group(name)].append(grad.detach().double().flatten())
+            chunks[parameter_group(name, split_heads)].append(grad.detach().double().flatten())
     return {group: torch.cat(parts) for group, parts in chunks.items()}
 
 
@@ -51,7 +55,7 @@ def compare_gradients(reference: Dict[str, Tensor],
 
 
 def gradients_at(model: nn.Module, data: dict, keep_ratio: float, step: int,
-                 seed: int) -> Dict[str, Tensor]:
+                 seed: int, split_heads: bool = False) -> Dict[str, Tensor]:
     """Group gradients of one train-mode loss at ``keep_ratio`` on ``data``."""
     for module in SBPHook.sbp_modules(model):
         module.keep_ratio = keep_ratio
@@ -61,11 +65,12 @@ def gradients_at(model: nn.Module, data: dict, keep_ratio: float, step: int,
     losses = model(**data, mode='loss')
     loss, _ = model.parse_losses(losses)
     loss.backward()
-    return group_gradients(model)
+    return group_gradients(model, split_heads)
 
 
 def gradient_fidelity(model: nn.Module, batches: Iterable[dict], keep_ratios: Sequence[float],
-                      seed: int = 0, on_batch=None) -> Dict[float, Dict[str, Dict[str, float]]]:
+                      seed: int = 0, on_batch=None, split_heads: bool = False
+                      ) -> Dict[float, Dict[str, Dict[str, float]]]:
     """Mean cosine and norm ratio to the dense gradient per keep ratio and group.
 
     Args:
@@ -74,15 +79,16 @@ def gradient_fidelity(model: nn.Module, batches: Iterable[dict], keep_ratios: Se
         keep_ratios: the SBP keep ratios to compare with keep ratio 1.0.
         seed: seeds the samplers of batch ``i`` with ``seed + i``.
         on_batch: called after each batch (progress).
+        split_heads: one group per head layer instead of one per head.
     """
     if not SBPHook.sbp_modules(model):
         raise ValueError('gradient fidelity needs a detector with SBP modules '
                          '(ResNetSBP/FPNSBP)')
     sums: Dict[float, Dict[str, Dict[str, float]]] = {r: {} for r in keep_ratios}
     for step, data in enumerate(batches):
-        dense = gradients_at(model, data, 1.0, step, seed + step)
+        dense = gradients_at(model, data, 1.0, step, seed + step, split_heads)
         for ratio in keep_ratios:
-            sbp = gradients_at(model, data, ratio, step, seed + step)
+            sbp = gradients_at(model, data, ratio, step, seed + step, split_heads)
             for group, stats in compare_gradients(dense, sbp).items():
                 total = sums[ratio].setdefault(group, dict(cosine=0.0, norm_ratio=0.0, n=0))
                 total['cosine'] += stats['cosine']
@@ -90,7 +96,8 @@ def gradient_fidelity(model: nn.Module, batches: Iterable[dict], keep_ratios: Se
                 total['n'] += 1
         if on_batch is not None:
             on_batch()
-    order = list(dict.fromkeys(parameter_group(name) for name, _ in model.named_parameters()))
+    order = list(dict.fromkeys(parameter_group(name, split_heads)
+                               for name, _ in model.named_parameters()))
     if not any(sums.values()):
         raise ValueError('gradient fidelity needs at least one batch with a gradient')
     return {r: {g: dict(cosine=groups[g]['cosine'] / groups[g]['n'],

@@ -12,6 +12,7 @@ import torch
 from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
 
 from conftest import TINY_DATA_CFG
+from test_sbp_heads import small_retinanet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -275,6 +276,32 @@ def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
         assert half[head]['norm_ratio'] == pytest.approx(1.0, abs=1e-6)
     for stage in ('backbone.stem', 'backbone.layer1', 'backbone.layer2', 'backbone.layer3'):
         assert 0.0 < half[stage]['cosine'] < 0.99  # gradients from kept rows only
+
+
+def test_split_heads_gives_each_head_layer_its_own_group():
+    """A dense head's layers are exact; an SBP head's get their kept rows' gradient."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from sbp_mmdet.benchmark import detector_batch
+    from sbp_mmdet.grad_fidelity import gradient_fidelity
+    init_default_scope('mmdet')
+    half = {}
+    for head in ('RetinaHead', 'RetinaHeadSBP'):
+        cfg = small_retinanet_cfg(sbp=True)
+        cfg.bbox_head.type = head
+        torch.manual_seed(0)
+        model = MODELS.build(cfg)
+        model.init_weights()
+        model.train()
+        batch = detector_batch(model, 2, 96, 128, num_classes=3)
+        half[head] = gradient_fidelity(model, [batch], [0.5], split_heads=True)[0.5]
+    layers = ['bbox_head.cls_convs', 'bbox_head.reg_convs', 'bbox_head.retina_cls',
+              'bbox_head.retina_reg']
+    assert [g for g in half['RetinaHead'] if g.startswith('bbox_head')] == layers
+    for layer in layers:
+        assert half['RetinaHead'][layer]['cosine'] == pytest.approx(1.0, abs=1e-6)
+        assert 0.0 < half['RetinaHeadSBP'][layer]['cosine'] < 0.999
 
 
 def test_grad_fidelity_tool_writes_table_json_csv_and_plot(tmp_path, workspace):

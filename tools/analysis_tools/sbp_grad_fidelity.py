@@ -37,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--out-dir', default='outputs/grad_fidelity')
     parser.add_argument('--no-plot', action='store_true')
+    parser.add_argument('--split-heads', action='store_true',
+                        help='one row per head layer (tower, classifier, regressor) instead '
+                             'of one per head: for SBP heads')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. model.backbone.sbp.sampling=random')
     args = parser.parse_args(argv)
@@ -129,7 +132,7 @@ def main(argv=None):
     with mmengine_logs_to_file(log_file):
         model, batches = build(args)
         results = gradient_fidelity(model, batches, args.keep_ratios, args.seed,
-                                    on_batch=bar.update)
+                                    on_batch=bar.update, split_heads=args.split_heads)
     sys.stdout.write('\n')
     table = format_table(results)
     print(table)
