@@ -13,6 +13,7 @@ from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
 
 from conftest import TINY_DATA_CFG
 from test_sbp_heads import small_retinanet_cfg
+from test_sbp_models import build_detector
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -280,20 +281,13 @@ def test_sbp_gradients_match_dense_in_the_heads_and_shrink_in_sbp_stages():
 
 def test_split_heads_gives_each_head_layer_its_own_group():
     """A dense head's layers are exact; an SBP head's get their kept rows' gradient."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-
     from sbp_mmdet.benchmark import detector_batch
     from sbp_mmdet.grad_fidelity import gradient_fidelity
-    init_default_scope('mmdet')
     half = {}
     for head in ('RetinaHead', 'RetinaHeadSBP'):
         cfg = small_retinanet_cfg(sbp=True)
         cfg.bbox_head.type = head
-        torch.manual_seed(0)
-        model = MODELS.build(cfg)
-        model.init_weights()
-        model.train()
+        model = build_detector(cfg)
         batch = detector_batch(model, 2, 96, 128, num_classes=3)
         half[head] = gradient_fidelity(model, [batch], [0.5], split_heads=True)[0.5]
     layers = ['bbox_head.cls_convs', 'bbox_head.reg_convs', 'bbox_head.retina_cls',

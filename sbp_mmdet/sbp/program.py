@@ -175,17 +175,17 @@ class SBPProgram:
                 or reads the program input directly, naming the program.
         """
         units = {unit.name: unit for unit in self.units}
-        heads = tuple(units[name] for name in self.outputs)
+        output_units = tuple(units[name] for name in self.outputs)
         trunk = [unit for unit in self.units if unit.name not in self.outputs]
         read = {name for unit in trunk
                 for name in [unit.source] + [op.reads for op in unit.tail if op.reads]}
-        for unit in heads:
+        for unit in output_units:
             if unit.tail or unit.name in read or unit.source == INPUT:
                 raise ValueError(
                     f'{self.where}: dense outputs need output units that are a single '
                     f'layer on an SBP unit and read by no other unit; {unit.name!r} is not')
-        sources = tuple(dict.fromkeys(unit.source for unit in heads))
-        return SBPProgram(trunk, outputs=sources, where=self.where), heads
+        sources = tuple(dict.fromkeys(unit.source for unit in output_units))
+        return SBPProgram(trunk, outputs=sources, where=self.where), output_units
 
     def check_exact_input_grad(self, where: Optional[str] = None, modes: bool = True) -> None:
         """Raise unless the program can give its input the exact gradient.

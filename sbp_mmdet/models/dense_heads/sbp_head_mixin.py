@@ -3,7 +3,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
-from ...sbp import SBPIteration, SBPModuleMixin, SBPProgram
+from ...sbp import SBPIteration, SBPModuleMixin, SBPProgram, Unit
 
 
 class SBPDenseHeadMixin(SBPModuleMixin):
@@ -31,9 +31,7 @@ class SBPDenseHeadMixin(SBPModuleMixin):
         if not isinstance(self.sbp_dense_outputs, bool):
             raise TypeError(f'{self.sbp_name}: sbp.dense_outputs must be True or False, got '
                             f'{self.sbp_dense_outputs!r}')
-        program = self.sbp_program()  # fail at build time on unsupported layers
-        if self.sbp_dense_outputs:
-            program, _ = program.split_outputs()
+        program, _ = self._sbp_split_program()  # fail at build time on unsupported layers
         if self.sbp_cfg.exact_input_grad:
             program.check_exact_input_grad()
 
@@ -45,14 +43,19 @@ class SBPDenseHeadMixin(SBPModuleMixin):
             return super().forward(x)
         features = self.sbp_follow(x)
         self.sbp_iteration = features.iteration
-        outs = [self._sbp_level(feat, stride, features.iteration)
+        program, dense_units = self._sbp_split_program()  # the same for every level
+        outs = [self._sbp_level(feat, stride, features.iteration, program, dense_units)
                 for feat, stride in zip(features, features.strides)]
         return tuple(map(list, zip(*outs)))
 
-    def _sbp_level(self, x: Tensor, stride: int, iteration: SBPIteration) -> tuple:
-        program, dense_units = self.sbp_program(), ()
-        if self.sbp_dense_outputs:
-            program, dense_units = program.split_outputs()
+    def _sbp_split_program(self) -> Tuple[SBPProgram, Tuple[Unit, ...]]:
+        """The program SBP runs and the output units run densely after it (none
+        unless ``dense_outputs``)."""
+        program = self.sbp_program()
+        return program.split_outputs() if self.sbp_dense_outputs else (program, ())
+
+    def _sbp_level(self, x: Tensor, stride: int, iteration: SBPIteration,
+                   program: SBPProgram, dense_units: Tuple[Unit, ...]) -> tuple:
         state = self.sbp_state(iteration, stride, program)
         if state is None:
             return self.forward_single(x)
