@@ -5,10 +5,10 @@ _base_ = 'mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py'
 custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
 
 model = dict(
-    # Fine-tuning a pretrained backbone, keep 0.75 with recompute was the best trade measured:
-    # 0.5 mAP points below dense (keep 0.5: 1.5) at 0.56x of dense's saved bytes (keep 0.5:
-    # 0.64x) on Faster R-CNN R50 (README, Accuracy). keep_ratio=0.5, recompute=False trains
-    # faster (backward 0.77x of dense, against 0.91x).
+    # Keep 0.75 with recompute: the setting that stayed closest to dense in the Faster R-CNN
+    # fine-tuning study, and it stores less than keep 0.5 without recompute;
+    # keep_ratio=0.5, recompute=False trains faster. Figures: docs/memory.md, docs/speed.md,
+    # docs/accuracy.md.
     backbone=dict(type='ResNeXtSBP', sbp=dict(keep_ratio=0.75, sampling='grid', recompute=True)),
     neck=dict(type='FPNSBP'))
 # Keep-ratio schedules, SBP logging and exact --resume (masks and random draws). Data

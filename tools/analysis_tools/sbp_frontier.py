@@ -15,16 +15,17 @@ Spec::
      "points": [
        {"label": "SBP 0.5 (default)", "accuracy": "docs/results/.../accuracy.json",
         "variant": "sbp@0.5:neck=lateral",
-        "memory": "docs/results/faster_rcnn_r50_memory_800x1344.json",
+        "memory": "docs/results/faster_rcnn_r50_detector_memory_800x1344_default.json",
         "memory_variant": "sbp@0.5"},
        {"label": "with_cp", "exact": true,
-        "memory": "docs/results/faster_rcnn_r50_memory_800x1344.json",
+        "memory": "docs/results/faster_rcnn_r50_detector_memory_800x1344_default.json",
         "memory_variant": "with_cp"}]}
 
 Example::
 
-    python tools/analysis_tools/sbp_frontier.py docs/results/frontier_finetune.json \
-        --out-dir docs/results/frontier_finetune
+    python tools/analysis_tools/sbp_frontier.py \
+        docs/results/faster_rcnn_r50_detector_frontier_800x1344_finetune.json \
+        --out-dir docs/results/faster_rcnn_r50_detector_frontier_800x1344_finetune
 """
 import argparse
 import json
