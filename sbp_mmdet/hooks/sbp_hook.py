@@ -3,19 +3,15 @@ import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..engine.seeding import SeededIterator, derived_seed, seed_global_generators
 from ..models.checks import sbp_model_problem
 from ..sbp import SBPConfig
-
-# Salts that keep the reseeding streams of the two kinds of loops apart.
-_ITER_SALT, _EPOCH_SALT = 1, 2
+from .step_seed_hook import StepSeedHook
 
 
 def keep_ratio_schedule(base: float, it: int, max_iters: Optional[int] = None,
@@ -47,7 +43,7 @@ def keep_ratio_schedule(base: float, it: int, max_iters: Optional[int] = None,
 
 
 @HOOKS.register_module()
-class SBPHook(Hook):
+class SBPHook(StepSeedHook):
     """Schedules the SBP keep ratio, makes ``--resume`` exact and logs SBP state.
 
     **Schedule.** Before each training iteration the hook sets the keep ratio
@@ -104,8 +100,6 @@ class SBPHook(Hook):
         ...                      dense_last_epochs=1)]
     """
 
-    priority = 'NORMAL'
-
     def __init__(self, dense_warmup_iters: int = 0, steps: Sequence[Sequence] = (),
                  ramp: Optional[Sequence] = None, dense_last_epochs: int = 0,
                  dense_last_iters: int = 0) -> None:
@@ -140,7 +134,7 @@ class SBPHook(Hook):
         self.dense_warmup_iters = dense_warmup_iters
         self.dense_last_epochs = dense_last_epochs
         self.dense_last_iters = dense_last_iters
-        self.seed: Optional[int] = None
+        super().__init__()
         self._base: dict = {}
         self._loaded_meta: Optional[dict] = None
         self._boxes_handle: Optional[RemovableHandle] = None
@@ -160,15 +154,21 @@ class SBPHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded_meta = checkpoint.get('meta', {})
 
+    def run_seed(self, runner) -> int:
+        """The seed of the interrupted run on resume (``meta.sbp``), else the run's."""
+        resumed = runner.iter > 0 or runner.epoch > 0
+        sbp_meta = (self._loaded_meta or {}).get('sbp') if resumed else None
+        return int(sbp_meta['seed'] if sbp_meta else runner.seed)
+
     def before_train(self, runner) -> None:
         modules = self.sbp_modules(runner.model)
         if not modules:
             raise RuntimeError('SBPHook: the model has no SBP module (ResNetSBP/FPNSBP); '
                                'remove the hook or use an SBP backbone/neck')
         self._base = {id(m): m.keep_ratio for m in modules}
+        super().before_train(runner)  # self.seed; the reseeded batches
         resumed = runner.iter > 0 or runner.epoch > 0
         sbp_meta = (self._loaded_meta or {}).get('sbp') if resumed else None
-        self.seed = int(sbp_meta['seed'] if sbp_meta else runner.seed)
         for module in modules:
             module.mask_sampler.set_seed(self.seed)
         samplers = [m.mask_sampler for m in modules if m.mask_sampler.policy.needs_boxes]
@@ -177,11 +177,6 @@ class SBPHook(Hook):
             self._boxes_handle = feed_gt_boxes(model, samplers)
         if resumed:
             self._check_resume(runner, sbp_meta)
-        loop = runner.train_loop
-        if hasattr(loop, 'dataloader_iterator') and \
-                not isinstance(loop.dataloader_iterator, SeededIterator):
-            loop.dataloader_iterator = SeededIterator(loop.dataloader_iterator, self.seed,
-                                                      _ITER_SALT)
 
     def _check_resume(self, runner, sbp_meta: Optional[dict]) -> None:
         """Warn about what a resumed run cannot repeat of the interrupted one."""
@@ -214,12 +209,6 @@ class SBPHook(Hook):
         if self._boxes_handle is not None:
             self._boxes_handle.remove()
             self._boxes_handle = None
-
-    def before_train_epoch(self, runner) -> None:
-        if not isinstance(getattr(runner.train_loop, 'dataloader_iterator', None),
-                          SeededIterator):
-            seed_global_generators(derived_seed(self.seed, runner.rank, _EPOCH_SALT,
-                                                runner.epoch))
 
     def _dense_tail(self, runner) -> int:
         tail = self.dense_last_iters

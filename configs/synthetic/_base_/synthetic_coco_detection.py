@@ -6,6 +6,9 @@ _base_ = [
 ]
 
 custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
+# Each step's random draws (flip, RPN/RoI sampling) follow from (seed, step), as in an SBP
+# run (SBPHook does the same), so a dense and an SBP run of one seed pair step by step.
+custom_hooks = [dict(type='StepSeedHook')]
 
 # --- data: python tools/make_synthetic_coco.py data/synthetic_coco -------------------------
 data_root = 'data/synthetic_coco/'
