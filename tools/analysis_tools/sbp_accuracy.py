@@ -196,6 +196,22 @@ def config_digest(config: str) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
+def pretrained_digests(config: str, opts: List[str]) -> Dict[str, str]:
+    """``{path: sha256}`` of the local pretrained weights a run of ``config`` with
+    ``--cfg-options opts`` loads (the backbone a fine-tuning study starts from)."""
+    from mmengine.config import Config, DictAction
+
+    from sbp_mmdet.utils import file_sha256
+    from sbp_mmdet.utils.pretrained_check import local_pretrained_weights
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--options', nargs='+', action=DictAction, default={})
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(parser.parse_args(['--options', *opts]).options)
+    paths = [path for _, path in local_pretrained_weights(cfg.model)]
+    return {path: file_sha256(os.path.join(REPO, path)) for path in paths
+            if os.path.isfile(os.path.join(REPO, path))}
+
+
 def finished_run(work: str, opts: List[str], digest: str) -> Optional[Dict]:
     """The result in run dir ``work``, if that run finished with options ``opts``
     from the config version ``digest`` (a result recorded before digests were,
@@ -237,7 +253,7 @@ def train_and_test(args, variant: str, seed: int) -> Dict:
               'mAP recorded as 0', flush=True)
     result = dict(variant=variant, seed=seed, bbox_mAP=bbox_map, bbox_mAP_50=bbox_map_50,
                   train_s=train_s, options=opts, config_digest=config_digest(args.config),
-                  commit=git_commit())
+                  pretrained=pretrained_digests(args.config, opts), commit=git_commit())
     if not detected:
         result['no_detections'] = True
     with open(result_file, 'w') as f:
@@ -256,30 +272,69 @@ def bbox_metrics(metrics: Dict) -> Tuple[float, float, bool]:
     return metrics['coco/bbox_mAP'], metrics['coco/bbox_mAP_50'], True
 
 
+# Two-sided 95 % critical values of Student's t for 1-30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical_95(dof: int) -> float:
+    """The two-sided 95 % critical value of Student's t with ``dof`` degrees of freedom
+    (a table to 30, then the Cornish-Fisher expansion, within 0.001 of the exact one)."""
+    if dof < 1:
+        raise ValueError(f'a t interval needs >= 1 degree of freedom, got {dof}')
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def paired_difference(variant: Dict[int, float], dense: Dict[int, float]) -> Dict:
+    """The paired difference of ``variant`` to ``dense`` in mAP points, over the seeds
+    both have (a seed's runs share initial weights and data order): per seed, its
+    mean and a 95 % Student-t interval over seeds (None with fewer than two seeds)."""
+    seeds = sorted(set(variant) & set(dense))
+    diffs = [100 * (variant[s] - dense[s]) for s in seeds]
+    mean = statistics.mean(diffs) if diffs else None
+    half = (t_critical_95(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            if len(diffs) >= 2 else None)
+    return dict(paired_seeds=seeds, paired_diffs=diffs, paired_mean=mean,
+                paired_ci95=None if half is None else (mean - half, mean + half))
+
+
 def summarise(runs: List[Dict]) -> List[Dict]:
     rows = []
     for variant in dict.fromkeys(r['variant'] for r in runs):
-        maps = [r['bbox_mAP'] for r in runs if r['variant'] == variant]
-        times = [r['train_s'] for r in runs if r['variant'] == variant]
-        seeds = [r['seed'] for r in runs if r['variant'] == variant]
+        mine = [r for r in runs if r['variant'] == variant]
+        maps = [r['bbox_mAP'] for r in mine]
         rows.append(dict(variant=variant, seeds=len(maps), mAP_mean=statistics.mean(maps),
-                         mAP_spread=max(maps) - min(maps), train_s_mean=statistics.mean(times),
-                         per_seed={seed: m for seed, m in zip(seeds, maps)}))
+                         mAP_spread=max(maps) - min(maps),
+                         train_s_mean=statistics.mean(r['train_s'] for r in mine),
+                         per_seed={r['seed']: r['bbox_mAP'] for r in mine}))
     dense = next((r for r in rows if r['variant'] == 'dense'), None)
     for row in rows:
         row['mAP_points_vs_dense'] = (100 * (row['mAP_mean'] - dense['mAP_mean'])
                                       if dense else None)
+        row.update(paired_difference(row['per_seed'], dense['per_seed']) if dense else
+                   dict(paired_seeds=[], paired_diffs=[], paired_mean=None, paired_ci95=None))
     return rows
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = ['| variant | seeds | bbox mAP (mean) | spread | vs dense (points) | per seed | '
-             'train s |', '|---|---|---|---|---|---|---|']
+    """The summary as markdown: means and spreads, and each variant's paired
+    difference to dense (mean and 95 % interval over the seeds both ran)."""
+    lines = ['| variant | seeds | bbox mAP (mean) | spread | paired diff. to dense (points) | '
+             '95 % interval | per seed | train s |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
-        delta = '-' if r['mAP_points_vs_dense'] is None else f"{r['mAP_points_vs_dense']:+.1f}"
+        paired = '-' if r['paired_mean'] is None else f"{r['paired_mean']:+.1f}"
+        if r['variant'] == 'dense' or r['paired_ci95'] is None:
+            interval = '-'
+        else:
+            interval = f"[{r['paired_ci95'][0]:+.1f}, {r['paired_ci95'][1]:+.1f}]"
         per_seed = ' / '.join(f'{m:.3f} (s{seed})' for seed, m in r['per_seed'].items())
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['mAP_mean']:.3f} | "
-                     f"{r['mAP_spread']:.3f} | {delta} | {per_seed} | {r['train_s_mean']:.0f} |")
+                     f"{r['mAP_spread']:.3f} | {paired} | {interval} | {per_seed} | "
+                     f"{r['train_s_mean']:.0f} |")
     return '\n'.join(lines)
 
 
