@@ -1,7 +1,11 @@
 """Make the pretrained backbone of the synthetic fine-tuning regime.
 
 COCO detectors start from an ImageNet-pretrained backbone; the synthetic world
-has no ImageNet, so this tool makes its stand-in: it writes a second synthetic
+has no ImageNet, so this tool makes its stand-in. The repository ships the one
+the fine-tuning configs load (``configs/synthetic/weights/``, its sha256 in its
+name and checked on load), because a remake is not bitwise the same on another
+CPU (its float kernels differ), and a study must start from the same weights
+on every machine. The tool writes a second synthetic
 set (other images, same classes; seed 7 by default, so no image of the
 fine-tuning set is seen), trains the dense demo detector on it with
 ``tools/train.py`` and saves the backbone's weights alone, as a checkpoint that
@@ -12,7 +16,8 @@ directory, as for ``tools/train.py``: run it from the repository root.
 Example::
 
     python tools/pretrain_synthetic_backbone.py      # ~15 min on one CPU thread
-    python tools/train.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic-finetune.py
+    python tools/train.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic-finetune.py \
+        --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/synthetic_r18_backbone.pth
 """
 import argparse
 import os
@@ -27,6 +32,7 @@ from mmengine.runner import CheckpointLoader
 
 import sbp_mmdet  # noqa: F401  checkpoint loading under torch >= 2.6 (sbp_mmdet.compat)
 from sbp_mmdet.datasets import generate_synthetic_coco
+from sbp_mmdet.utils import file_sha256
 
 REPO = osp.abspath(osp.join(osp.dirname(__file__), '..'))
 
@@ -97,7 +103,10 @@ def main(argv=None) -> None:
     meta = dict(config=args.config, data_seed=args.data_seed, source=last,
                 iter=checkpoint.get('meta', {}).get('iter'))
     torch.save(dict(state_dict=backbone_state_dict(checkpoint), meta=meta), out)
-    print(f'wrote {args.out}: the backbone of {last}', flush=True)
+    digest = file_sha256(out)
+    stem, ext = osp.splitext(osp.basename(out))
+    print(f'wrote {args.out}: the backbone of {last}\nsha256 {digest}: to have configs check '
+          f'it on load, name it {stem}-{digest[:8]}{ext}', flush=True)
 
 
 if __name__ == '__main__':

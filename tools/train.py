@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import close_distributed, setup_cpu_distributed
 from sbp_mmdet.models import sbp_model_problem
-from sbp_mmdet.utils import (DatasetError, PretrainedNotFoundError, ResumeError, build_runner,
+from sbp_mmdet.utils import (DatasetError, PretrainedWeightsError, ResumeError, build_runner,
                              check_dataset, check_pretrained_weights, load_tool_config,
                              prepare_resume)
 
@@ -92,7 +92,7 @@ def main() -> None:
         check_dataset(cfg, ['train_dataloader'] +
                       (['val_dataloader', 'val_evaluator'] if validates else []))
         prepare_resume(cfg)  # the checkpoint's seed, before the dataloaders are built
-    except (DatasetError, PretrainedNotFoundError, ResumeError) as err:
+    except (DatasetError, PretrainedWeightsError, ResumeError) as err:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = build_runner(cfg, args.config)

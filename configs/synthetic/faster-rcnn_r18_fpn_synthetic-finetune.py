@@ -10,4 +10,4 @@ model = dict(
         frozen_stages=1,
         norm_eval=True,
         init_cfg=dict(_delete_=True, type='Pretrained',
-                      checkpoint='checkpoints/synthetic_r18_backbone.pth')))
+                      checkpoint='configs/synthetic/weights/synthetic_r18_backbone-873cf56b.pth')))

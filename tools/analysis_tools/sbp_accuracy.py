@@ -1,8 +1,13 @@
 """Accuracy fidelity: train dense and SBP detectors with identical schedules and seeds.
 
 For each variant and seed this runs ``tools/train.py`` then ``tools/test.py``
-(the real COCO evaluator) and reports bbox mAP mean and spread per variant,
-with wall time. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
+(the real COCO evaluator) and reports per variant the bbox mAP mean and spread,
+the wall time, and the paired difference to dense: the runs of one seed share
+initial weights, data order and sampling (``SBPHook``/``StepSeedHook`` reseed
+every step), so the per-seed differences are what is compared, with their mean
+and a 95 % Student-t interval over the seeds both ran. Each run's
+``result.json`` records its options, the config digest, the commit and the
+sha256 of the pretrained weights it loaded. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
 ``:random`` (random instead of grid sampling), ``:stages=0110`` (which
 backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
 (gradients scaled by 1/keep ratio in backbone and neck), ``:dense_neck``

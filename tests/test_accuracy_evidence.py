@@ -1,0 +1,152 @@
+"""What the accuracy study's evidence rests on: every machine fine-tunes from the same
+shipped backbone (its sha256 checked on load), a dense run and an SBP run of one seed
+pair step by step, and the study reports paired differences with a t interval."""
+import importlib.util
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from sbp_mmdet.datasets import generate_synthetic_coco
+from sbp_mmdet.utils import PretrainedDigestError, check_pretrained_weights, file_sha256
+from sbp_mmdet.utils.pretrained_check import expected_digest
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / 'configs' / 'synthetic'
+FINETUNE_CONFIGS = sorted(SYNTHETIC.glob('*-finetune.py'))
+DENSE_FINETUNE = SYNTHETIC / 'faster-rcnn_r18_fpn_synthetic-finetune.py'
+SBP_FINETUNE = SYNTHETIC / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+
+
+def load_accuracy_tool():
+    spec = importlib.util.spec_from_file_location(
+        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shipped_backbone() -> Path:
+    """The pretrained backbone the fine-tuning configs load, in the repository."""
+    return REPO / Config.fromfile(str(DENSE_FINETUNE)).model.backbone.init_cfg.checkpoint
+
+
+def test_every_finetune_config_loads_the_shipped_backbone_and_its_digest_matches() -> None:
+    path = shipped_backbone()
+    assert path.is_file(), f'{path} is not in the repository'
+    assert len(FINETUNE_CONFIGS) == 4
+    for config in FINETUNE_CONFIGS:
+        assert REPO / Config.fromfile(str(config)).model.backbone.init_cfg.checkpoint == path
+    digest = expected_digest(str(path))
+    assert digest is not None and len(digest) >= 8
+    assert file_sha256(str(path)).startswith(digest)
+    state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+    assert 'layer4.1.conv2.weight' in state and 'fc.weight' not in state
+
+
+def test_an_altered_checkpoint_is_refused_naming_key_file_and_digests(tmp_path: Path) -> None:
+    path = shipped_backbone()
+    copy = tmp_path / path.name
+    shutil.copyfile(path, copy)
+    model = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=str(copy))))
+    check_pretrained_weights(model)  # the same bytes pass
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 1
+    copy.write_bytes(bytes(data))
+    with pytest.raises(PretrainedDigestError) as err:
+        check_pretrained_weights(model)
+    message = str(err.value)
+    assert 'model.backbone.init_cfg.checkpoint' in message and str(copy) in message
+    assert file_sha256(str(copy)) in message and expected_digest(str(copy)) in message
+    plain = tmp_path / 'no_digest_in_name.pth'
+    copy.rename(plain)  # a name without a digest is not checked
+    check_pretrained_weights(dict(init_cfg=dict(type='Pretrained', checkpoint=str(plain))))
+
+
+def test_train_stops_before_the_runner_on_an_altered_backbone(tmp_path: Path) -> None:
+    copy = tmp_path / shipped_backbone().name
+    data = bytearray(shipped_backbone().read_bytes())
+    data[-100] ^= 1
+    copy.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train.py'), str(DENSE_FINETUNE),
+         '--cfg-options', f'model.backbone.init_cfg.checkpoint={copy}'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f'its sha256 is {file_sha256(str(copy))}' in proc.stderr
+    assert not (tmp_path / 'work_dirs').exists()
+
+
+def final_weights(config: Path, folder: Path, name: str, *options: str) -> dict:
+    """The state dict after two fine-tuning iterations of ``config`` with seed 3."""
+    work = folder / 'work_dirs' / name
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir', str(work),
+         '--cfg-options', 'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+         'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None', 'randomness.seed=3',
+         f'model.backbone.init_cfg.checkpoint={shipped_backbone()}', *options],
+        cwd=folder, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=False)['state_dict']
+
+
+@pytest.mark.slow
+def test_dense_config_and_sbp_config_at_keep_1_train_the_same_run(tmp_path: Path) -> None:
+    """The study's dense runs are the SBP config at keep ratio 1.0; a user runs the dense
+    config. Same seed: the same initial weights, data, flips and RoI sampling, so
+    bitwise the same weights after training; keep 0.5 moves them elsewhere."""
+    generate_synthetic_coco(str(tmp_path / 'data' / 'synthetic_coco'), num_train=8, num_val=2,
+                            progress=False)
+    dense = final_weights(DENSE_FINETUNE, tmp_path, 'dense')
+    sbp_dense = final_weights(SBP_FINETUNE, tmp_path, 'sbp1', 'model.backbone.sbp.keep_ratio=1.0')
+    assert dense.keys() == sbp_dense.keys()
+    for key in dense:
+        torch.testing.assert_close(sbp_dense[key], dense[key], rtol=0, atol=0, msg=key)
+    sbp = final_weights(SBP_FINETUNE, tmp_path, 'sbp05')
+    changed = [k for k in dense if not torch.equal(sbp[k], dense[k])]
+    assert any(k.startswith('backbone.layer2') for k in changed)
+    assert not any(k.startswith('backbone.layer1.') for k in changed)  # frozen stage
+
+
+def test_t_critical_values_match_the_t_distribution() -> None:
+    tool = load_accuracy_tool()
+    assert tool.t_critical_95(1) == 12.706 and tool.t_critical_95(4) == 2.776
+    assert tool.t_critical_95(60) == pytest.approx(2.000, abs=1e-3)
+    assert tool.t_critical_95(120) == pytest.approx(1.980, abs=1e-3)
+    with pytest.raises(ValueError, match='degree of freedom'):
+        tool.t_critical_95(0)
+
+
+def test_paired_difference_uses_the_seeds_both_ran_and_a_t_interval() -> None:
+    tool = load_accuracy_tool()
+    dense = {0: 0.30, 1: 0.40, 2: 0.35, 3: 0.33, 4: 0.31}
+    variant = {0: 0.29, 1: 0.38, 2: 0.36, 3: 0.31, 5: 0.50}  # seed 4 missing, 5 unpaired
+    row = tool.paired_difference(variant, dense)
+    diffs = [-1.0, -2.0, 1.0, -2.0]
+    assert row['paired_seeds'] == [0, 1, 2, 3]
+    assert row['paired_diffs'] == pytest.approx(diffs)
+    assert row['paired_mean'] == pytest.approx(-1.0)
+    half = 3.182 * statistics.stdev(diffs) / 2
+    assert row['paired_ci95'] == pytest.approx((-1.0 - half, -1.0 + half))
+    single = tool.paired_difference({0: 0.2}, dense)
+    assert single['paired_mean'] == pytest.approx(-10.0) and single['paired_ci95'] is None
+
+
+def test_summary_and_table_report_the_paired_difference_next_to_the_means() -> None:
+    tool = load_accuracy_tool()
+    runs = [dict(variant=v, seed=s, bbox_mAP=m, train_s=1.0) for v, s, m in
+            [('dense', 0, 0.30), ('dense', 1, 0.40), ('dense', 2, 0.20),
+             ('sbp@0.5', 0, 0.29), ('sbp@0.5', 1, 0.38), ('sbp@0.5', 2, 0.20)]]
+    rows = tool.summarise(runs)
+    assert rows[0]['paired_mean'] == 0.0 and rows[0]['paired_ci95'] == (0.0, 0.0)
+    assert rows[1]['paired_mean'] == pytest.approx(-1.0)
+    assert rows[1]['mAP_spread'] == pytest.approx(0.18)
+    table = tool.format_table(rows).splitlines()
+    assert 'paired diff. to dense' in table[0] and '95 % interval' in table[0]
+    low, high = rows[1]['paired_ci95']
+    assert f'| -1.0 | [{low:+.1f}, {high:+.1f}] |' in table[3]
