@@ -1,14 +1,11 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules (helpers: ``sbp_builders``, ``sbp_reference``)."""
 from pathlib import Path
 
 import pytest
-from mmengine.config import Config
 
 from sbp_mmdet.datasets import generate_synthetic_coco
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA_CFG = Config.fromfile(
-    str(REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_synthetic-tiny.py'))
+from sbp_builders import TINY_DATA_CFG
 
 
 @pytest.fixture(scope='module')

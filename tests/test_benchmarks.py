@@ -11,9 +11,7 @@ import torch
 
 from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
 
-from conftest import TINY_DATA_CFG
-from test_sbp_heads import small_retinanet_cfg
-from test_sbp_models import build_detector
+from sbp_builders import TINY_DATA_CFG, build_detector, small_retinanet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -180,7 +178,7 @@ def test_benchmark_tool_measures_mixed_precision_on_the_cpu_against_dense_amp(tm
     assert rows['sbp@0.5+amp']['saved_vs_dense'] == pytest.approx(
         rows['sbp@0.5+amp']['saved_mib'] / rows['amp']['saved_mib'])
     # at this toy size the dense modules' half-precision weight copies weigh as much
-    # as the activations; the full-size ratios are in the README
+    # as the activations; the full-size ratios are in docs/memory.md
     assert rows['sbp@0.5+amp']['saved_by_component_mib']['backbone'] < (
         0.8 * rows['amp']['saved_by_component_mib']['backbone'])
 
@@ -225,10 +223,24 @@ def test_gpu_benchmark_script_refuses_a_machine_without_cuda():
     assert 'no CUDA device here; DRY_RUN=1 runs it on the CPU' in proc.stderr
 
 
+def run_files(work: Path, run: dict) -> tuple:
+    """The result.json of ``run`` and the metrics its tools/test.py logged, read
+    from its run dir under ``work``."""
+    (result_file,) = [path for path in work.rglob('result.json')
+                      if json.loads(path.read_text())['options'] == run['options']]
+    (metrics_file,) = (result_file.parent / 'test').glob('*/*.json')
+    return json.loads(result_file.read_text()), json.loads(metrics_file.read_text())
+
+
 def test_accuracy_study_trains_evaluates_and_summarises(tmp_path, workspace):
     result = run_accuracy_tool(tmp_path, workspace, '--variants', 'dense', 'sbp@0.5:random')
     assert [r['variant'] for r in result['summary']] == ['dense', 'sbp@0.5:random']
-    assert all(0.0 <= r['bbox_mAP'] <= 1.0 for r in result['runs'])  # COCOeval's figure
+    for run in result['runs']:  # the figures COCOeval gave in each run's test, recorded
+        recorded, metrics = run_files(tmp_path / 'work', run)
+        assert run == recorded
+        assert (run['bbox_mAP'], run['bbox_mAP_50']) == (
+            metrics.get('coco/bbox_mAP', 0.0), metrics.get('coco/bbox_mAP_50', 0.0))
+        assert run.get('no_detections', False) == ('coco/bbox_mAP' not in metrics)
     assert result['summary'][0]['mAP_points_vs_dense'] == 0.0
     head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO,
                           capture_output=True, text=True).stdout.strip()

@@ -6,6 +6,8 @@ Each test works in a temporary folder where the tiny config finds its data
 (``data/synthetic_coco_tiny/``); ``tools/train.py`` runs as a subprocess there, as a
 user runs it (see ``test_tools.py``).
 """
+import copy
+import itertools
 import json
 import math
 import os
@@ -89,10 +91,45 @@ def last_checkpoint_iter(work_dir: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def test_the_tiny_config_trains_as_the_demo_does() -> None:
-    """What the resume tests rely on: random flips and a seed drawn per run."""
-    assert TINY_CFG.get('randomness') is None
-    assert dict(type='RandomFlip', prob=0.5) in TINY_CFG.train_dataloader.dataset.pipeline
+class _WeightsBeforeTraining(Hook):
+    """Keeps a copy of the model's parameters as training starts (after their init)."""
+
+    def before_train(self, runner: Runner) -> None:
+        self.weights = {name: p.detach().clone() for name, p in runner.model.named_parameters()}
+
+
+def test_the_tiny_config_trains_as_the_demo_does(workspace: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the resume tests rely on: each run draws its own seed, the training
+    pipeline flips some images and not others, and two iterations move the
+    weights of every part, the backbone's SBP stages included."""
+    monkeypatch.chdir(workspace)
+    runners = []
+    for name in ('first', 'second'):
+        cfg = copy.deepcopy(TINY_CFG)
+        cfg.work_dir = str(tmp_path / name)
+        cfg.train_cfg.max_iters = 2
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
+        runners.append(Runner.from_cfg(cfg))
+    assert runners[0].seed != runners[1].seed  # no fixed seed: one drawn per run
+    runner = runners[1]
+    before = _WeightsBeforeTraining()
+    runner.register_hook(before)
+    runner.train()
+    assert runner.iter == 2
+    after = dict(runner.model.named_parameters())
+    moved = {name.split('.')[0] for name, p in before.weights.items()
+             if not torch.equal(p, after[name])}
+    assert moved == {'backbone', 'neck', 'rpn_head', 'roi_head'}
+    backbone = runner.model.backbone
+    for layer, switches in zip(backbone.res_layers, backbone.sbp_blocks):
+        if any(switches):  # an SBP stage learns
+            assert any(not torch.equal(before.weights[f'backbone.{layer}.{n}'], p)
+                       for n, p in getattr(backbone, layer).named_parameters()), layer
+    samples = itertools.islice(iter(runner.train_dataloader), 16)  # 32 images
+    flips = {s.metainfo['flip'] for batch in samples for s in batch['data_samples']}
+    assert flips == {False, True}
 
 
 @pytest.mark.slow

@@ -21,54 +21,17 @@ from mmdet.models.backbones import ResNet
 from sbp_mmdet.amp import cpu_autocast_fallbacks
 from sbp_mmdet.sbp import SavedTensorMeter
 
-from sbp_reference import reference_program
-from test_sbp_models import (add_reference_hooks, build_detector, enabled_blocks,
-                             preprocessed_batch, resnet_pair, small_faster_rcnn_cfg, total_loss)
-from test_sbp_program import (MASKS, basic, basic_program, bottleneck, bottleneck_program,
-                              fpn_output, fpn_program, iteration)
+from sbp_builders import (basic, basic_program, bottleneck, bottleneck_program, build_detector,
+                          fpn_output, fpn_program, preprocessed_batch, resnet_pair,
+                          small_faster_rcnn_cfg)
+from sbp_reference import (MASKS, add_reference_hooks, assert_amp_close, autocast, enabled_blocks,
+                           iteration, reference_program, run_three_ways, total_loss)
 
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 PROGRAMS = {
     'bottleneck': (bottleneck, bottleneck_program, (2, 16, 29, 11), 4),
     'basic': (basic, basic_program, (2, 8, 16, 7), 8),
     'fpn_output': (fpn_output, fpn_program, (2, 8, 19, 9), 4),
 }
-
-
-def autocast(dtype):
-    return torch.autocast('cpu', dtype=dtype, enabled=dtype is not None)
-
-
-def assert_amp_close(grad, ref, ref_fp32, dtype, name):
-    """The tolerance of the module docstring."""
-    error = (grad.float() - ref.float()).norm()
-    budget = 2 * (ref.float() - ref_fp32.float()).norm() + UNIT_ROUNDOFF[dtype] * ref.norm()
-    assert error <= budget, f'{name}: |sbp - ref| = {error:.3g} > {budget:.3g}'
-
-
-def run_three_ways(build, program_of, x_shape, stride, mask, dtype, recompute=False,
-                   exact_input_grad=False):
-    """SBP under autocast, the reference under autocast and the reference in fp32,
-    from equal weights and inputs, with one random output gradient."""
-    torch.manual_seed(0)
-    modules = {name: build() for name in ('sbp', 'ref', 'fp32')}
-    for m in modules.values():
-        m.load_state_dict(modules['sbp'].state_dict())
-    x = torch.randn(*x_shape)
-    inputs = {name: x.clone().requires_grad_() for name in modules}
-    it = iteration(mask)
-    outs = {}
-    with autocast(dtype):
-        outs['sbp'] = program_of(modules['sbp'])(inputs['sbp'], it, stride, recompute=recompute,
-                                                 exact_input_grad=exact_input_grad)
-        outs['ref'] = reference_program(program_of(modules['ref']), inputs['ref'], it, stride,
-                                        exact_input_grad)
-    outs['fp32'] = reference_program(program_of(modules['fp32']), inputs['fp32'], it, stride,
-                                     exact_input_grad)
-    grad = torch.randn(outs['fp32'].shape)
-    for out in outs.values():
-        (out.float() * grad).sum().backward()
-    return modules, inputs, outs
 
 
 @pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])

@@ -26,10 +26,9 @@ from sbp_mmdet.models import (FPNSBP, RegNetSBP, Res2NetSBP, ResNetSBP, ResNetV1
 from sbp_mmdet.sbp import (BatchNorm, IdentityMix, PoolMix, RowLocal, SBPIteration, SBPProgram,
                            Unit, conv_unit)
 
-from conftest import REPO, TINY_DATA_CFG
-from sbp_reference import masking_hooks, reference_program
-from test_sbp_models import (assert_grad_close, assert_grads_match, build_detector, enabled_blocks,
-                             total_loss)
+from sbp_builders import REPO, TINY_DATA_CFG, build_detector
+from sbp_reference import (add_reference_hooks, assert_grad_close, assert_grads_match,
+                           enabled_blocks, reference_program, total_loss)
 
 TINY_REGNET = dict(w0=8, wa=8.0, wm=2.0, group_w=8, depth=6, bot_mul=1.0)
 BACKBONES = {  # SBP class, dense class, tiny arguments
@@ -40,18 +39,6 @@ BACKBONES = {  # SBP class, dense class, tiny arguments
     'RegNet': (RegNetSBP, RegNet, dict(arch=TINY_REGNET, stem_channels=8, base_channels=8)),
     'Res2Net': (Res2NetSBP, Res2Net, dict(depth=50, scales=4, base_width=4, base_channels=8)),
 }
-
-
-def add_reference_hooks(blocks, iteration, image_height):
-    """Mask the convs, norms and outputs of ``blocks`` like SBP units (maps at
-    strides 2 to 32: RegNet's stem has stride 2)."""
-    def stride_of(output):
-        return next(s for s in (2, 4, 8, 16, 32) if math.ceil(image_height / s) == output.shape[2])
-    hook = masking_hooks(iteration, stride_of)
-    for block in blocks:
-        for child in block.modules():
-            if isinstance(child, (nn.Conv2d, _BatchNorm)) or child is block:
-                child.register_forward_hook(hook)
 
 
 def backbone_pair(name, **kwargs):
@@ -82,7 +69,9 @@ def assert_backbone_matches_reference(name, size, **sbp_cfg):
         for a, b in zip(outs, dense(x)):
             assert torch.equal(a, b)
     iteration = sbp.sbp_iteration
-    add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, size[0])
+    # maps at strides 2 to 32: RegNet's stem has stride 2
+    add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, size[0],
+                        strides=(2, 4, 8, 16, 32))
     ref_outs = dense(x)
     grads = [torch.randn_like(o) for o in outs]
     sum((o * g).sum() for o, g in zip(outs, grads)).backward()

@@ -12,8 +12,8 @@ from sbp_mmdet.models import FPNSBP, ConvNeXtSBP
 from sbp_mmdet.models.backbones.mmpretrain_convnext import ConvNeXt
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
-from conftest import REPO, TINY_DATA_CFG
-from sbp_reference import masking_hooks
+from sbp_builders import REPO, TINY_DATA_CFG
+from sbp_reference import assert_grads_match, masking_hooks
 
 CONFIG = str(REPO / 'configs' / 'mask_rcnn_convnext_t_sbp.py')
 TINY_ARCH = {'depths': [1, 1, 2, 1], 'channels': [8, 16, 24, 32]}
@@ -38,7 +38,7 @@ def convnext_pair(sbp=None, **kwargs):
     return model, dense
 
 
-def stride_from_height(model, image_height):
+def convnext_stride_of(model, image_height):
     """The stride of a map from its height (ConvNeXt's unpadded convs floor)."""
     strides, height = {image_height: 1}, image_height // model.stage_strides[0]
     for stride in model.stage_strides:
@@ -48,7 +48,7 @@ def stride_from_height(model, image_height):
     return lambda output: strides[output.shape[2]]
 
 
-def reference_units(dense, model):
+def convnext_reference_units(dense, model):
     """The modules of ``dense`` whose outputs SBP's units mask in ``model``: each
     block's depthwise conv and output, the stem/downsampling layers' convs and
     norms, the output norms."""
@@ -65,24 +65,14 @@ def reference_units(dense, model):
     return units
 
 
-def assert_grads_match(model, reference):
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        if q.grad is None:
-            assert p.grad is None or p.grad.abs().sum() == 0, name
-        else:
-            scale = q.grad.abs().max().item() + 1e-12
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-4 * scale, rtol=1e-3,
-                                       msg=lambda m: f'{name}: {m}')
-
-
-def assert_matches_reference(model, dense, x, seed=0):
+def assert_convnext_matches_reference(model, dense, x, seed=0):
     """``model(x)`` equals ``dense(x)`` bit for bit (same DropPath draws); its
     gradients equal those of ``dense`` masked like SBP's units."""
     torch.manual_seed(seed)
     outs = model(x)
     assert isinstance(outs, SBPFeatures)
-    hook = masking_hooks(model.sbp_iteration, stride_from_height(model, x.shape[2]))
-    for unit in reference_units(dense, model):
+    hook = masking_hooks(model.sbp_iteration, convnext_stride_of(model, x.shape[2]))
+    for unit in convnext_reference_units(dense, model):
         unit.register_forward_hook(hook)
     torch.manual_seed(seed)
     ref_outs = dense(x)
@@ -97,7 +87,7 @@ def assert_matches_reference(model, dense, x, seed=0):
 @pytest.mark.parametrize('downsample', [True, False])
 def test_forward_is_convnext_and_gradients_equal_the_reference(size, downsample):
     model, dense = convnext_pair(dict(keep_ratio=0.5, downsample=downsample))
-    assert_matches_reference(model, dense, torch.rand(2, 3, *size))
+    assert_convnext_matches_reference(model, dense, torch.rand(2, 3, *size))
     assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
 
 
@@ -106,7 +96,7 @@ def test_forward_is_convnext_and_gradients_equal_the_reference(size, downsample)
                          ids=['store', 'recompute', 'conv_pw'])
 def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs):
     model, dense = convnext_pair(dict(keep_ratio=0.5, per_image=True), **kwargs)
-    assert_matches_reference(model, dense, torch.rand(2, 3, *size))
+    assert_convnext_matches_reference(model, dense, torch.rand(2, 3, *size))
     mask = model.sbp_iteration.base_mask
     assert mask.dim() == 2 and not torch.equal(mask[0], mask[1])
     assert model.stages[0][0].depthwise_conv.weight.grad.abs().sum() > 0
@@ -121,14 +111,14 @@ def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs)
 ])
 def test_block_variants_equal_the_reference(kwargs):
     model, dense = convnext_pair(dict(keep_ratio=0.5), **kwargs)
-    assert_matches_reference(model, dense, torch.rand(2, 3, 67, 61))
+    assert_convnext_matches_reference(model, dense, torch.rand(2, 3, 67, 61))
 
 
 def test_blocks_switch_per_block_and_the_base_stride_follows():
     blocks = [[True], [False], [True, False], [False]]
     model, dense = convnext_pair(dict(keep_ratio=0.5, blocks=blocks))
     assert model.sbp_base_stride == 16
-    assert_matches_reference(model, dense, torch.rand(2, 3, 64, 64))
+    assert_convnext_matches_reference(model, dense, torch.rand(2, 3, 64, 64))
 
 
 def test_default_follows_the_paper_and_skips_frozen_stages():
@@ -175,7 +165,7 @@ def test_models_pickle_and_still_train_with_sbp():
     model, dense = convnext_pair(dict(keep_ratio=0.5))
     restored = pickle.loads(pickle.dumps(model))
     restored.train()
-    assert_matches_reference(restored, dense, torch.rand(2, 3, 64, 64))
+    assert_convnext_matches_reference(restored, dense, torch.rand(2, 3, 64, 64))
 
 
 @pytest.mark.parametrize('kwargs, error', [

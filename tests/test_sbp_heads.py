@@ -4,35 +4,14 @@ import math
 import pytest
 import torch
 from mmdet.models.dense_heads import RetinaHead, RPNHead
-from mmengine.hub import get_config
 
 from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter
 
-from sbp_reference import masked, row_mask, weight_masking_hook
-from test_sbp_models import (add_reference_hooks, assert_grads_match, assert_matches_reference,
-                             build_detector, enabled_blocks, preprocessed_batch,
-                             small_faster_rcnn_cfg, total_loss)
-
-
-def small_retinanet_cfg(sbp: bool, heads: bool = True) -> dict:
-    cfg = get_config('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py').model
-    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
-    cfg.neck.update(in_channels=[64, 128, 256, 512], out_channels=32)
-    cfg.bbox_head.update(in_channels=32, feat_channels=32, stacked_convs=2, num_classes=3)
-    if sbp:
-        cfg.backbone.update(type='ResNetSBP', sbp=dict(keep_ratio=0.5, sampling='random'))
-        cfg.neck.type = 'FPNSBP'
-        if heads:
-            cfg.bbox_head.type = 'RetinaHeadSBP'
-    return cfg
-
-
-def faster_rcnn_cfg(sbp: bool) -> dict:
-    cfg = small_faster_rcnn_cfg(sbp)
-    if sbp:
-        cfg.rpn_head.type = 'RPNHeadSBP'
-    return cfg
+from sbp_builders import build_detector, faster_rcnn_cfg, preprocessed_batch, small_retinanet_cfg
+from sbp_reference import (add_reference_hooks, assert_grads_match, assert_matches_reference,
+                           enabled_blocks, head_hooks, reference_units, total_loss,
+                           weight_masking_hook)
 
 
 def exact_input_grad_cfg(detector: str) -> dict:
@@ -44,33 +23,10 @@ def exact_input_grad_cfg(detector: str) -> dict:
     return cfg
 
 
-def head_hooks(head, iteration, image_height, dense=()):
-    """Mask the head's unit outputs (convs and conv modules) per level, on the
-    levels whose stride the mask covers (the others run densely), except the
-    modules of ``dense``."""
-    def hook(module, args, output):
-        stride = next(s for s in (4, 8, 16, 32, 64, 128)
-                      if math.ceil(image_height / s) == output.shape[2])
-        if not iteration.covers(stride):
-            return output
-        return masked(output, row_mask(iteration, stride, output))
-    return [m.register_forward_hook(hook) for m in head.modules()
-            if (isinstance(m, torch.nn.Conv2d) or type(m).__name__ == 'ConvModule')
-            and m not in dense]
-
-
 def output_convs(head):
     """The head's classification and regression convs."""
     return [getattr(head, name) for name in ('rpn_cls', 'rpn_reg', 'retina_cls', 'retina_reg')
             if hasattr(head, name)]
-
-
-def reference_units(dense, sbp_model, iteration, neck_levels):
-    units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
-    for i, stride in neck_levels:
-        if iteration.covers(stride):  # the neck's SBP conv groups (sbp.convs)
-            units += [getattr(dense.neck, kind)[i] for kind in sbp_model.neck.sbp_conv_groups]
-    return units
 
 
 @pytest.mark.parametrize('shapes', [

@@ -1,75 +1,18 @@
 """ResNetSBP and FPNSBP: drop-in, exact forward, reference gradients, less memory."""
-import math
-
 import pytest
 import torch
 from mmdet.models.backbones import ResNet
 from mmdet.models.necks import FPN
 from mmengine.config import Config
-from mmengine.hub import get_config
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP, RetinaHeadSBP, RPNHeadSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
-from sbp_reference import masking_hooks, weight_masking_hook
-
-STRIDES = (4, 8, 16, 32)
-
-
-def stride_from_height(image_height):
-    def stride_of(output):
-        for s in STRIDES:
-            if math.ceil(image_height / s) == output.shape[2]:
-                return s
-        raise AssertionError(f'no stride gives height {output.shape[2]}')
-    return stride_of
-
-
-def add_reference_hooks(modules, iteration, image_height):
-    """Mask the units of ``modules`` (blocks or conv modules) like SBP defines them."""
-    hook = masking_hooks(iteration, stride_from_height(image_height))
-    handles = []
-    for module in modules:
-        for child in module.modules():
-            if isinstance(child, (torch.nn.Conv2d, _BatchNorm)) or child is module:
-                handles.append(child.register_forward_hook(hook))
-    return handles
-
-
-def enabled_blocks(resnet, switches):
-    return [getattr(resnet, layer)[j] for layer, stage in zip(resnet.res_layers, switches)
-            for j, enabled in enumerate(stage) if enabled]
-
-
-def assert_grad_close(grad, ref, name):
-    """fp32 gradients summed over many positions: compare relative to their scale."""
-    scale = ref.abs().max().item() + 1e-12
-    torch.testing.assert_close(grad, ref, atol=1e-4 * scale, rtol=1e-3,
-                               msg=lambda m: f'{name}: {m}')
-
-
-def assert_grads_match(model, reference):
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        if q.grad is None:
-            assert p.grad is None or p.grad.abs().sum() == 0, name
-        else:
-            assert_grad_close(p.grad, q.grad, name)
-
-
-def resnet_pair(depth, **kwargs):
-    torch.manual_seed(0)
-    sbp = ResNetSBP(depth=depth, sbp=kwargs.pop('sbp', None), **kwargs)
-    for m in sbp.modules():  # non-trivial BN so that gradients are informative
-        if isinstance(m, _BatchNorm):
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
-    dense = ResNet(depth=depth, **kwargs)
-    dense.load_state_dict(sbp.state_dict())
-    sbp.train()  # mmdet's ResNet.train returns None
-    dense.train()
-    return sbp, dense
+from sbp_builders import build_detector, preprocessed_batch, resnet_pair, small_faster_rcnn_cfg
+from sbp_reference import (STRIDES, add_reference_hooks, assert_grad_close, assert_grads_match,
+                           assert_matches_reference, enabled_blocks, stride_from_height, total_loss,
+                           weight_masking_hook)
 
 
 def assert_resnet_matches_reference(sbp, dense, x):
@@ -200,62 +143,6 @@ def test_configs_build(config):
     if config.endswith('_heads.py'):  # the towers recompute: they store their inputs alone
         assert head.sbp_cfg.recompute == 'all'
     assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
-
-
-def small_faster_rcnn_cfg(sbp: bool, keep_ratio: float = 0.5) -> dict:
-    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
-    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
-    cfg.neck.update(in_channels=[64, 128, 256, 512], out_channels=32)
-    cfg.rpn_head.update(in_channels=32, feat_channels=32)
-    cfg.roi_head.bbox_roi_extractor.update(out_channels=32)
-    cfg.roi_head.bbox_head.update(in_channels=32, fc_out_channels=64, num_classes=3)
-    if sbp:
-        cfg.backbone.update(type='ResNetSBP', sbp=dict(keep_ratio=keep_ratio, sampling='random'))
-        cfg.neck.type = 'FPNSBP'
-    return cfg
-
-
-def build_detector(cfg, seed=0):
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    register_all_modules()
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    model.init_weights()
-    model.train()
-    return model
-
-
-def total_loss(model, data, seed=1):
-    torch.manual_seed(seed)  # the RPN/RoI samplers draw from the global generator
-    losses = model(**data, mode='loss')
-    return sum(v.sum() if torch.is_tensor(v) else sum(x.sum() for x in v)
-               for k, v in losses.items() if 'loss' in k)
-
-
-def assert_matches_reference(sbp_model, dense, data, loss, bitwise=False):
-    """``dense``, hooked to mask like the reference, gives ``loss`` (bit for bit
-    with ``bitwise``) and the SBP model's parameter gradients."""
-    ref_loss = total_loss(dense, data)
-    if bitwise:
-        assert torch.equal(loss, ref_loss)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(sbp_model, dense)
-
-
-def preprocessed_batch(model, shapes):
-    """Random images of ``shapes`` (height, width) with boxes, batched (padded to a
-    multiple of 32) by the model's ``DetDataPreprocessor``."""
-    from mmdet.testing import demo_mm_inputs
-    torch.manual_seed(0)
-    packed = demo_mm_inputs(batch_size=len(shapes), image_shapes=[(3, h, w) for h, w in shapes],
-                            num_items=[8] * len(shapes), num_classes=3)
-    data = model.data_preprocessor(packed, True)
-    padded = [32 * math.ceil(max(size) / 32) for size in zip(*shapes)]
-    assert list(data['inputs'].shape[2:]) == padded
-    return data
 
 
 @pytest.mark.parametrize('shapes', [

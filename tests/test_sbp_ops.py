@@ -9,10 +9,9 @@ from torch import nn
 from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale,
                            LinearMix, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
 
-from sbp_reference import reference_program
-from test_sbp_amp import assert_amp_close, run_three_ways
-from test_sbp_models import assert_grad_close
-from test_sbp_program import MASKS, _bn, iteration
+from sbp_builders import random_bn
+from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, compare, iteration,
+                           reference_program, run_three_ways)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -70,8 +69,8 @@ def convnext_frozen_pointwise():
 
 def act_block(act):
     def build():
-        return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1, bias=False), norm=_bn(8, True),
-                                  act=act))
+        return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+                                  norm=random_bn(8, True), act=act))
     return build
 
 
@@ -83,7 +82,7 @@ def act_program(m):
 def grouped_dilated():
     return nn.ModuleDict(dict(conv=nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2,
                                              groups=4, bias=False),
-                              norm=_bn(12, True)))
+                              norm=random_bn(12, True)))
 
 
 def grouped_dilated_program(m):
@@ -93,7 +92,7 @@ def grouped_dilated_program(m):
 def tail_conv_then_bn():
     """BatchNorm deep in a tail: its statistics term must stay on kept rows."""
     return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1, bias=False),
-                              pw=nn.Conv2d(8, 16, 1, bias=False), norm=_bn(16, True)))
+                              pw=nn.Conv2d(8, 16, 1, bias=False), norm=random_bn(16, True)))
 
 
 def tail_conv_then_bn_program(m):
@@ -125,24 +124,6 @@ CASES = {
 }
 
 
-def compare(build, program_of, x_shape, mask, recompute=False):
-    """SBP and the reference from equal weights, inputs and random state."""
-    torch.manual_seed(0)
-    modules = build()
-    ref_modules = copy.deepcopy(modules)
-    it = iteration(mask)
-    x = torch.randn(*x_shape, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    torch.manual_seed(1)
-    y = program_of(modules)(x, it, 4, recompute=recompute)
-    torch.manual_seed(1)
-    y_ref = reference_program(program_of(ref_modules), x_ref, it, 4)
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-    return modules, ref_modules, x, x_ref, y, y_ref
-
-
 @pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
 @pytest.mark.parametrize('mask', list(MASKS), ids=list(MASKS))
 @pytest.mark.parametrize('height', [29, 16, 1])
@@ -150,7 +131,8 @@ def compare(build, program_of, x_shape, mask, recompute=False):
 def test_op_matches_the_reference(case, height, mask, recompute):
     build, program_of = CASES[case]
     modules, ref_modules, x, x_ref, y, y_ref = compare(build, program_of, (4, 8, height, 7),
-                                                       MASKS[mask], recompute)
+                                                       MASKS[mask], recompute=recompute,
+                                                       forward_seed=1)
     assert torch.equal(y, y_ref)
     assert_grad_close(x.grad, x_ref.grad, 'input')
     for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):

@@ -5,12 +5,11 @@ import torch
 
 from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration
 
-from sbp_reference import reference_program
-from test_sbp_heads import faster_rcnn_cfg, head_hooks, reference_units
-from test_sbp_models import (add_reference_hooks, assert_grads_match, build_detector,
-                             preprocessed_batch, small_faster_rcnn_cfg, total_loss)
-from test_sbp_program import (assert_same, basic, basic_program, bottleneck, bottleneck_program,
-                              fpn_output, fpn_program)
+from sbp_builders import (basic, basic_program, bottleneck, bottleneck_program, build_detector,
+                          faster_rcnn_cfg, fpn_output, fpn_program, preprocessed_batch,
+                          small_faster_rcnn_cfg)
+from sbp_reference import (add_reference_hooks, assert_grads_match, assert_same, head_hooks,
+                           reference_program, reference_units, total_loss)
 
 # two images, each keeping 5 of 10 base rows, in different places
 PER_IMAGE = {

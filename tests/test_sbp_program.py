@@ -5,91 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from sbp_mmdet.sbp import RowLocal, SavedTensorMeter, SBPIteration, SBPProgram, TailOp, conv_unit
+from sbp_mmdet.sbp import RowLocal, SavedTensorMeter, SBPProgram, TailOp, conv_unit
 
-from sbp_reference import reference_program
-
-
-def _bn(channels, train):
-    norm = nn.BatchNorm2d(channels)
-    nn.init.uniform_(norm.weight, 0.5, 1.5)
-    nn.init.uniform_(norm.bias, -0.5, 0.5)
-    norm.running_mean.uniform_(-0.2, 0.2)
-    norm.running_var.uniform_(0.5, 2.0)
-    return norm.train(train)
-
-
-def bottleneck(cin=16, mid=8, stride=2, train=True) -> nn.ModuleDict:
-    return nn.ModuleDict(dict(
-        conv1=nn.Conv2d(cin, mid, 1, bias=False), norm1=_bn(mid, train),
-        conv2=nn.Conv2d(mid, mid, 3, stride, 1, bias=False), norm2=_bn(mid, train),
-        conv3=nn.Conv2d(mid, mid * 4, 1, bias=False), norm3=_bn(mid * 4, train),
-        dconv=nn.Conv2d(cin, mid * 4, 1, stride, bias=False), dnorm=_bn(mid * 4, train)))
-
-
-def bottleneck_program(m) -> SBPProgram:
-    return SBPProgram([conv_unit('conv1', 'input', m['conv1'], m['norm1'], relu_after=True),
-                       conv_unit('conv2', 'conv1', m['conv2'], m['norm2'], relu_after=True),
-                       conv_unit('down', 'input', m['dconv'], m['dnorm']),
-                       conv_unit('conv3', 'conv2', m['conv3'], m['norm3'], relu_after=True,
-                                 residual='down')])
-
-
-def basic_program(m) -> SBPProgram:
-    return SBPProgram([conv_unit('conv1', 'input', m['conv1'], m['norm1'], relu_after=True),
-                       conv_unit('conv2', 'conv1', m['conv2'], m['norm2'], relu_after=True,
-                                 residual='input')])
-
-
-def basic(channels=8, train=True) -> nn.ModuleDict:
-    return nn.ModuleDict(dict(
-        conv1=nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm1=_bn(channels, train),
-        conv2=nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm2=_bn(channels, train)))
-
-
-def fpn_output(channels=8) -> nn.ModuleDict:
-    return nn.ModuleDict(dict(conv=nn.Conv2d(channels, channels, 3, 1, 1)))
-
-
-def fpn_program(m) -> SBPProgram:
-    return SBPProgram([conv_unit('conv', 'input', m['conv'])])
-
-
-def iteration(mask):
-    return SBPIteration(torch.tensor(mask, dtype=torch.bool), base_stride=16)
-
-
-MASKS = {
-    'grid': [True, False] * 5,
-    'random': [True, True, False, True, False, False, False, True, True, False],
-    'all': [True] * 10,
-}
-
-
-def compare(build, program_of, x_shape, mask, stride=4, recompute=False, grad_scale='none'):
-    torch.manual_seed(0)
-    modules = build()
-    ref_modules = copy.deepcopy(modules)
-    it = iteration(mask)
-    x = torch.randn(*x_shape, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y = program_of(modules)(x, it, stride, recompute=recompute, grad_scale=grad_scale)
-    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride)
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-    return modules, ref_modules, x, x_ref, y, y_ref
-
-
-def assert_same(modules, ref_modules, x, x_ref, y, y_ref, param_scale=1.0):
-    assert torch.equal(y, y_ref) or torch.allclose(y, y_ref, atol=1e-6)
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
-    for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad * param_scale, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f'{name}: {m}')
-    for a, b in zip(modules.buffers(), ref_modules.buffers()):
-        torch.testing.assert_close(a, b)  # running statistics updated once, identically
-
+from sbp_builders import (basic, basic_program, bottleneck, bottleneck_program, fpn_output,
+                          fpn_program)
+from sbp_reference import MASKS, assert_same, compare, iteration, reference_program
 
 RECOMPUTE = dict(argnames='recompute', argvalues=[False, True, 'all'],
                  ids=['store', 'recompute', 'recompute_all'])

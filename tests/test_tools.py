@@ -3,6 +3,7 @@
 Each tool runs as a subprocess in a temporary folder, as a user would run it: the
 tiny config finds its dataset at data/synthetic_coco_tiny/ and writes to work_dirs/.
 """
+import copy
 import json
 import pickle
 import shutil
@@ -75,24 +76,134 @@ def test_compat_fix_is_still_needed(trained: Path) -> None:
     assert proc.returncode != 0 and 'Weights only load failed' in proc.stderr
 
 
+def checkpoint_model(checkpoint: Path) -> torch.nn.Module:
+    """The tiny config's detector with the weights of ``checkpoint``, in eval mode."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+    init_default_scope('mmdet')
+    model = MODELS.build(TINY_CFG.model)
+    load_checkpoint(model, str(checkpoint), map_location='cpu')
+    return model.eval()
+
+
+def val_set(workspace: Path, pipeline: list):
+    """The tiny validation set in ``workspace`` through ``pipeline``."""
+    from mmdet.registry import DATASETS
+    cfg = copy.deepcopy(TINY_CFG.test_dataloader.dataset)
+    cfg.update(data_root=str(workspace / TINY_CFG.data_root), pipeline=pipeline)
+    return DATASETS.build(cfg)
+
+
+def predict(model: torch.nn.Module, inputs: torch.Tensor, data_sample) -> dict:
+    """``model``'s prediction for one image: bboxes, scores, labels."""
+    from mmengine.dataset import pseudo_collate
+    with torch.no_grad():
+        (result,) = model.test_step(pseudo_collate([dict(inputs=inputs,
+                                                         data_samples=data_sample)]))
+    return {key: result.pred_instances[key] for key in ('bboxes', 'scores', 'labels')}
+
+
+def assert_same_predictions(predictions: dict, expected: dict) -> None:
+    for key in ('bboxes', 'scores', 'labels'):
+        torch.testing.assert_close(predictions[key], expected[key], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f'{key}: {m}')
+
+
+def coco_stats(predictions: List[dict], ann_file: Path) -> List[float]:
+    """COCOeval's bbox mAP, mAP@0.5 and mAP@0.75 of ``predictions`` (tools/test.py
+    ``--out`` entries), computed here with pycocotools alone."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from sbp_mmdet.datasets import CLASSES
+    gt = COCO(str(ann_file))
+    category = {c['name']: c['id'] for c in gt.loadCats(gt.getCatIds())}
+    detections = [dict(image_id=p['img_id'], category_id=category[CLASSES[int(label)]],
+                       bbox=[x1, y1, x2 - x1, y2 - y1], score=float(score))
+                  for p in predictions
+                  for (x1, y1, x2, y2), score, label in zip(
+                      p['pred_instances']['bboxes'].tolist(), p['pred_instances']['scores'],
+                      p['pred_instances']['labels'])]
+    evaluation = COCOeval(gt, gt.loadRes(detections), 'bbox')
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return list(evaluation.stats[:3])
+
+
 def test_test_evaluates_checkpoint_with_coco_metrics(trained: Path, tmp_path: Path) -> None:
+    """The predictions are the checkpoint's (the model run here on the same
+    images), the logged mAPs are COCO's for those predictions."""
+    workspace = trained.parent.parent
+    checkpoint = trained / f'iter_{MAX_ITERS}.pth'
     results = tmp_path / 'results.pkl'
-    run_tool('test.py', [TINY, str(trained / f'iter_{MAX_ITERS}.pth'), '--work-dir',
-                         str(tmp_path), '--out', str(results), '--show-dir', 'vis'],
-             trained.parent.parent)
+    run_tool('test.py', [TINY, str(checkpoint), '--work-dir', str(tmp_path), '--out',
+                         str(results), '--show-dir', 'vis'], workspace)
     metrics = logged_metrics(tmp_path)
-    assert {'coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'} <= metrics.keys()
-    assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
     with open(results, 'rb') as f:
         predictions = pickle.load(f)
-    assert len(predictions) == 4 and 'pred_instances' in predictions[0]
+    model = checkpoint_model(checkpoint)
+    dataset = val_set(workspace, TINY_CFG.test_dataloader.dataset.pipeline)
+    assert [p['img_id'] for p in predictions] == [
+        dataset.get_data_info(i)['img_id'] for i in range(len(dataset))]
+    assert sum(len(p['pred_instances']['scores']) for p in predictions) > 0
+    for i, prediction in enumerate(predictions):
+        item = dataset[i]
+        assert_same_predictions(prediction['pred_instances'],
+                                predict(model, item['inputs'], item['data_samples']))
+    expected = coco_stats(predictions, workspace / TINY_CFG.val_evaluator.ann_file)
+    logged = [metrics[f'coco/bbox_{key}'] for key in ('mAP', 'mAP_50', 'mAP_75')]
+    assert logged == [round(stat, 3) for stat in expected]  # CocoMetric logs 3 decimals
     assert len(list(tmp_path.glob('*/vis/*.png'))) == 4
 
 
-def test_test_with_flip_tta(trained: Path, tmp_path: Path) -> None:
-    run_tool('test.py', [TINY, str(trained / f'iter_{MAX_ITERS}.pth'), '--tta',
-                         '--work-dir', str(tmp_path)], trained.parent.parent)
+def flip_merged(views: List[dict], metas: List[dict]) -> dict:
+    """The flip TTA result of one image: the views' boxes, those of flipped views
+    mirrored back, pooled and reduced by per-class NMS (IoU 0.5, 100 at most)."""
+    from mmcv.ops import batched_nms
+    boxes = []
+    for view, meta in zip(views, metas):
+        b = view['bboxes'].clone()
+        if meta['flip']:
+            assert meta['flip_direction'] == 'horizontal'
+            width = meta['ori_shape'][1]
+            b[:, 0], b[:, 2] = width - view['bboxes'][:, 2], width - view['bboxes'][:, 0]
+        boxes.append(b)
+    boxes, scores = torch.cat(boxes), torch.cat([v['scores'] for v in views])
+    labels = torch.cat([v['labels'] for v in views])
+    if not len(boxes):
+        return views[0]
+    dets, keep = batched_nms(boxes, scores, labels, dict(type='nms', iou_threshold=0.5))
+    return dict(bboxes=dets[:100, :4], scores=dets[:100, 4], labels=labels[keep][:100])
+
+
+def test_test_with_flip_tta_merges_the_flipped_views(trained: Path, tmp_path: Path) -> None:
+    """--tta: each image's predictions are those of the image and of its mirror
+    image (boxes mirrored back) merged by NMS, computed here from the checkpoint."""
+    workspace = trained.parent.parent
+    checkpoint = trained / f'iter_{MAX_ITERS}.pth'
+    results = tmp_path / 'tta.pkl'
+    run_tool('test.py', [TINY, str(checkpoint), '--tta', '--work-dir', str(tmp_path),
+                         '--out', str(results)], workspace)
     assert 'coco/bbox_mAP' in logged_metrics(tmp_path)
+    with open(results, 'rb') as f:
+        predictions = pickle.load(f)
+    model = checkpoint_model(checkpoint)
+    dataset = val_set(workspace, TINY_CFG.tta_pipeline)
+    plain = val_set(workspace, TINY_CFG.test_dataloader.dataset.pipeline)
+    assert len(predictions) == len(dataset) == 4
+    differs = False
+    for i, prediction in enumerate(predictions):
+        item = dataset[i]
+        metas = [sample.metainfo for sample in item['data_samples']]
+        assert sorted(meta['flip'] for meta in metas) == [False, True]
+        views = [predict(model, inputs, sample)
+                 for inputs, sample in zip(item['inputs'], item['data_samples'])]
+        assert_same_predictions(prediction['pred_instances'], flip_merged(views, metas))
+        unflipped = predict(model, plain[i]['inputs'], plain[i]['data_samples'])
+        differs |= not torch.equal(prediction['pred_instances']['scores'], unflipped['scores'])
+    assert differs  # the mirrored view changed the predictions
 
 
 @pytest.mark.parametrize('resume', ['auto', 'path'])
@@ -162,8 +273,6 @@ COCO_CONFIGS = [
 
 @pytest.mark.parametrize('base', COCO_CONFIGS)
 def test_train_without_coco_stops_at_once_with_directions(tmp_path: Path, base: str) -> None:
-    if not base.startswith('mmdet::') and not Path(base).is_file():
-        pytest.skip(f'{base} not written yet')
     config = tmp_path / 'config.py'
     config.write_text(f'_base_ = {base!r}\n')
     start = time.perf_counter()
@@ -291,7 +400,8 @@ RETINA_FINETUNE = REPO / 'configs' / 'synthetic' / 'retinanet_r18_fpn_sbp_synthe
 
 @pytest.mark.parametrize('detector', ['faster-rcnn', 'retinanet'])
 def test_finetune_config_pairs_differ_by_sbp_only(detector: str) -> None:
-    """The SBP fine-tuning config is its dense baseline with SBP modules and SBPHook."""
+    """The SBP fine-tuning config is its dense baseline with SBP modules and SBPHook (which
+    reseeds each step as the dense config's StepSeedHook does)."""
     synthetic = REPO / 'configs' / 'synthetic'
     dense = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_synthetic-finetune.py'))
     sbp = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_sbp_synthetic-finetune.py'))
@@ -299,7 +409,8 @@ def test_finetune_config_pairs_differ_by_sbp_only(detector: str) -> None:
     assert (sbp.model.backbone.type, sbp.model.neck.type) == ('ResNetSBP', 'FPNSBP')
     sbp.model.backbone.type, sbp.model.neck.type = 'ResNet', 'FPN'
     assert sbp.model == dense.model
-    assert sbp.custom_hooks == [dict(type='SBPHook')] and 'custom_hooks' not in dense
+    assert sbp.custom_hooks == [dict(type='SBPHook')]
+    assert dense.custom_hooks == [dict(type='StepSeedHook')]
     for key in ('train_dataloader', 'val_evaluator', 'train_cfg', 'param_scheduler',
                 'optim_wrapper'):
         assert sbp[key] == dense[key], key
@@ -347,7 +458,7 @@ def test_train_names_missing_pretrained_weights_before_the_runner(tmp_path: Path
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), str(FINETUNE)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert ("model.backbone.init_cfg.checkpoint = 'checkpoints/synthetic_r18_backbone.pth'"
-            in proc.stderr)
-    assert 'python tools/pretrain_synthetic_backbone.py' in proc.stderr
+    checkpoint = Config.fromfile(str(FINETUNE)).model.backbone.init_cfg.checkpoint
+    assert f"model.backbone.init_cfg.checkpoint = '{checkpoint}'" in proc.stderr
+    assert 'configs/synthetic/weights/' in proc.stderr  # where the shipped one lies
     assert not (tmp_path / 'work_dirs').exists()

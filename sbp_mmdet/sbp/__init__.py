@@ -21,6 +21,8 @@
 - ``module``: ``SBPModuleMixin``, what every SBP backbone, neck and head
   shares.
 - ``memory``: bytes saved for backward, the device-independent measure.
+- ``tracing``: torch.fx tracing (mmengine's ``efficient_conv_bn_eval``) of
+  SBP modules and layers, refused with ``SBPTracingError``.
 """
 from .config import SBPConfig
 from .context import SBPFeatures
@@ -34,10 +36,11 @@ from .policies import (MASK_POLICIES, MaskPolicy, MaskRequest, fill_to_equal_cou
                        register_mask_policy)
 from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
+from .tracing import SBPTracingError
 
 __all__ = ['SBPConfig', 'MASK_POLICIES', 'MaskPolicy', 'MaskRequest', 'register_mask_policy',
            'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin',
-           'SBPBackboneMixin', 'ConvMix', 'LinearMix',
+           'SBPBackboneMixin', 'SBPTracingError', 'ConvMix', 'LinearMix',
            'PoolMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
            'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

@@ -1,4 +1,5 @@
 """What every SBP backbone, neck and head shares."""
+import inspect
 from contextlib import contextmanager
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -10,15 +11,49 @@ from .context import SBPFeatures
 from .masks import RowMaskSampler, SBPIteration
 from .program import SBPProgram
 from .state import SBPState, sbp_states
+from .tracing import check_module_not_traced, mark_sbp_layers
 
 Layers = Iterable[Tuple[nn.Module, int]]
+
+
+def dense_class(cls: type) -> type:
+    """The class ``cls`` adds SBP to: the first class in its MRO that is no
+    SBP mixin (``ResNetSBP`` -> mmdet's ``ResNet``)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, SBPModuleMixin))
+
+
+def sbp_signature(cls: type) -> inspect.Signature:
+    """The signature of SBP class ``cls``: its dense class's parameters, in
+    their order, then the keyword-only ``sbp`` (before a ``**kwargs``)."""
+    params = list(inspect.signature(dense_class(cls)).parameters.values())
+    sbp = inspect.Parameter('sbp', inspect.Parameter.KEYWORD_ONLY, default=None,
+                            annotation=Optional[dict])
+    at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    return inspect.Signature(params[:at] + [sbp] + params[at:])
+
+
+class _SBPSignature:
+    """``inspect.signature`` of an SBP class, read on the class: ``sbp_signature``.
+
+    An SBP module's ``__init__`` is ``(*args, sbp=None, **kwargs)`` and passes
+    ``args`` and ``kwargs`` on to its dense class unchanged, so the dense
+    class's signature, plus ``sbp``, is the one it has. On an instance the
+    attribute does not exist (the module's call signature stays its own).
+    """
+
+    def __get__(self, obj: Optional[object], owner: type) -> inspect.Signature:
+        if obj is not None:
+            raise AttributeError('__signature__')
+        return sbp_signature(owner)
 
 
 class SBPModuleMixin:
     """The mechanism of an SBP module; the module itself only declares its layers.
 
-    An SBP module subclasses this mixin before its mmdet class, calls
-    ``init_sbp`` in ``__init__`` and, in a training forward, either draws the
+    An SBP module subclasses this mixin before its mmdet class, takes
+    ``(*args, sbp=None, **kwargs)`` in ``__init__`` (the mmdet class's
+    arguments, positional ones in their order, and a keyword-only ``sbp``:
+    ``sbp_signature``), calls ``init_sbp`` there and, in a training forward, either draws the
     iteration (``sbp_draw``, the backbone) or follows its input's
     (``sbp_follow``, necks and heads), runs the parent's forward inside
     ``sbp_layers`` and returns ``SBPFeatures`` with its outputs' strides. Its
@@ -26,7 +61,8 @@ class SBPModuleMixin:
     (``SBPConvModule``, the SBP residual blocks).
 
     ``sbp=dict(...)`` keys: ``keep_ratio``, ``sampling``, ``per_image``,
-    ``grid_cell``, ``grad_scale`` and ``recompute`` (see ``SBPConfig``), plus
+    ``grid_cell``, ``grad_scale``, ``recompute`` and ``exact_input_grad``
+    (see ``SBPConfig``), plus
     the module's own (``extra_keys`` of ``init_sbp``). A module that follows
     its input's mask uses that mask's keep ratio, sampling and per-image
     setting: given ``keep_ratio``, ``sampling`` or ``per_image`` must agree
@@ -41,6 +77,7 @@ class SBPModuleMixin:
     """
 
     sbp_iteration: Optional[SBPIteration] = None
+    __signature__ = _SBPSignature()
 
     def init_sbp(self, sbp: Optional[dict], extra_keys: Tuple[str, ...] = ()) -> dict:
         """Validate ``sbp``; returns the values of ``extra_keys`` that were given."""
@@ -63,7 +100,16 @@ class SBPModuleMixin:
         self.mask_sampler.keep_ratio = SBPConfig(keep_ratio=value).keep_ratio
 
     def sbp_training(self) -> bool:
-        """Whether this forward trains (SBP applies, possibly with a dense mask)."""
+        """Whether this forward trains (SBP applies, possibly with a dense mask).
+
+        Every SBP module's forward asks this first.
+
+        Raises:
+            SBPTracingError: under ``torch.fx.symbolic_trace`` (e.g. mmengine's
+                ``efficient_conv_bn_eval``), which would record a dense graph
+                (``sbp_mmdet.sbp.tracing``).
+        """
+        check_module_not_traced(self, self.sbp_name)
         return self.training and torch.is_grad_enabled()
 
     def sbp_draw(self, image_height: int, base_stride: int, dense: bool = False,
@@ -143,8 +189,10 @@ class SBPBackboneMixin(SBPModuleMixin):
     def sbp_check_layers(self) -> None:
         """Build each SBP layer's program now, so that a layer SBP cannot run
         (or, with ``exact_input_grad``, cannot give exact input gradients)
-        fails at build time, naming it. BatchNorm's mode is checked at each
-        training forward: ``norm_eval`` sets it only then."""
+        fails at build time, naming it, and mark them as SBP layers (torch.fx
+        may not trace them). BatchNorm's mode is checked at each training
+        forward: ``norm_eval`` sets it only then."""
+        mark_sbp_layers(layer for layer, _ in self.sbp_layer_inputs)
         for layer, _ in self.sbp_layer_inputs:
             program = layer.sbp_program()
             if self.sbp_layer_cfg(layer).exact_input_grad:

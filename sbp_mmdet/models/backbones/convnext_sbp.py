@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ...sbp import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, LinearMix,
                     RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit)
 from ...sbp.module import stage_switches
+from ...sbp.tracing import check_layer_not_traced
 from .mmpretrain_convnext import ConvNeXt, ConvNeXtBlock
 
 
@@ -33,6 +34,7 @@ class _SBPLayerMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sbp_state is None:
+            check_layer_not_traced(self)  # torch.fx would record the dense path
             return super().forward(x)
         return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
 
@@ -127,28 +129,28 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
     ``type='mmpretrain.ConvNeXt'`` for ``type='ConvNeXtSBP'``): same
     arguments, same ``state_dict`` keys, identical outputs (bit for bit, with
     the same random DropPath draws). In training, the chosen stages compute
-    gradients on the kept rows of their feature maps only: each block is one
-    SBP unit (7x7 depthwise conv, then the row-local LayerNorm, MLP, layer
-    scale, DropPath and residual add), and so are the output norms
-    ``norm{i}`` of SBP stages. SBP is off in eval mode and under
+    gradients on the kept rows of their feature maps only: each block is three
+    SBP units (``SBPConvNeXtBlock``), and each output norm ``norm{i}`` of an
+    SBP stage is one. SBP is off in eval mode and under
     ``torch.no_grad()``. The modules keep their classes' parameters and
     ``state_dict`` keys; only their class is swapped for an SBP subclass.
 
     Args:
         sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
-            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute`` (as
-            ``ResNetSBP``), ``stages`` (Sequence[bool]) or ``blocks``
+            ``sampling``, ``per_image``, ``grid_cell``, ``grad_scale``,
+            ``recompute`` (as ``ResNetSBP``), ``exact_input_grad`` (see
+            ``SBPConfig``; it needs convolutions with eval-mode BatchNorm, so
+            ConvNeXt's blocks refuse it), ``stages`` (Sequence[bool]) or ``blocks``
             (Sequence[Sequence[bool]]): SBP per stage or per block (default:
             every stage but the last, skipping frozen stages, the paper's
             practice), and ``downsample`` (bool): also run the stem and the
             downsampling layers (LayerNorm + 2x2 stride-2 conv) in front of an
             SBP stage with SBP. Default True: dense, each stores full maps
             (its conv's and its norm's inputs); with SBP, only their kept
-            rows (their 4x4/2x2 convs, stride = kernel, have no halo). On Mask
-            R-CNN ConvNeXt-T (2 x 800x1344, keep 0.5, fp32) the backbone
-            stores 823 MiB for backward instead of 1008 with them dense
-            (README, "ConvNeXt").
-        **kwargs: the arguments of ``mmpretrain.models.ConvNeXt``;
+            rows (their 4x4/2x2 convs, stride = kernel, have no halo).
+            Figures: docs/memory.md.
+        *args, **kwargs: the arguments of ``mmpretrain.models.ConvNeXt``,
+            positional ones in its order (``sbp`` is keyword-only);
             ``gap_before_final_norm`` must be False (feature maps, as in
             mmdet's ConvNeXt configs) and ``use_grn`` False (GRN is not
             row-local) where SBP is on.
@@ -161,8 +163,8 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
 
     sbp_extra_keys = ('stages', 'blocks', 'downsample')
 
-    def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         extra = self.init_sbp(sbp, self.sbp_extra_keys)
         if self.gap_before_final_norm:
             raise ValueError(f'{self.sbp_name}: gap_before_final_norm=True pools the outputs '

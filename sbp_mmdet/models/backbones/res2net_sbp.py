@@ -59,8 +59,8 @@ class Res2NetSBP(SBPResNetMixin, Res2Net):
     outputs; SBP is off in eval mode.
 
     Args:
-        sbp (dict, optional): the keys of ``ResNetSBP`` (``keep_ratio``,
-            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute``,
-            ``stages``, ``blocks``).
-        **kwargs: the arguments of ``mmdet.models.Res2Net``.
+        sbp (dict, optional): SBP settings, the keys of ``ResNetSBP`` (listed
+            there).
+        *args, **kwargs: the arguments of ``mmdet.models.Res2Net``, positional ones in
+            its order (``sbp`` is keyword-only).
     """

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit,
                     conv_unit)
 from ...sbp.module import stage_layers, stage_switches
+from ...sbp.tracing import check_layer_not_traced
 
 
 def shortcut_units(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
@@ -68,6 +69,7 @@ class SBPBlockMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sbp_state is None:
+            check_layer_not_traced(self)  # torch.fx would record the dense path
             return super().forward(x)
         return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
 
@@ -106,8 +108,8 @@ class SBPResNetMixin(SBPBackboneMixin):
     sbp_extra_keys = ('stages', 'blocks')
     stem_stride = 4
 
-    def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         extra = self.init_sbp(sbp, self.sbp_extra_keys)
         self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
                                          extra.get('stages'), extra.get('blocks'))
@@ -171,6 +173,9 @@ class ResNetSBP(SBPResNetMixin, ResNet):
               the inputs of 3x3 convs, ``'all'`` only each block's input (more
               for bottlenecks; see ``SBPConfig``). Default False. A block with
               ``with_cp=True`` recomputes at least as if this were True.
+            - ``exact_input_grad`` (bool): SBP on the parameters' gradients
+              only, every activation gets its exact gradient (see
+              ``SBPConfig``). Needs ``norm_eval=True``. Default False.
             - ``stages`` (Sequence[bool]): SBP per stage, e.g.
               ``(False, True, True, False)``.
             - ``blocks`` (Sequence[Sequence[bool]]): SBP per block of each
@@ -180,7 +185,8 @@ class ResNetSBP(SBPResNetMixin, ResNet):
             last, skipping frozen stages: the paper's practice of SBP in the
             early and middle stages with the last blocks dense. Asking SBP on
             a frozen stage is an error: frozen stages compute no gradients.
-        **kwargs: the arguments of ``mmdet.models.ResNet``.
+        *args, **kwargs: the arguments of ``mmdet.models.ResNet``, positional ones in
+            its order (``sbp`` is keyword-only).
 
     Example:
         >>> import torch

@@ -22,10 +22,10 @@ class ResNeXtSBP(SBPResNetMixin, ResNeXt):
     ``state_dict`` keys, identical outputs; SBP is off in eval mode.
 
     Args:
-        sbp (dict, optional): the keys of ``ResNetSBP`` (``keep_ratio``,
-            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute``,
-            ``stages``, ``blocks``).
-        **kwargs: the arguments of ``mmdet.models.ResNeXt``.
+        sbp (dict, optional): SBP settings, the keys of ``ResNetSBP`` (listed
+            there).
+        *args, **kwargs: the arguments of ``mmdet.models.ResNeXt``, positional ones in
+            its order (``sbp`` is keyword-only).
     """
 
 
@@ -38,10 +38,10 @@ class RegNetSBP(SBPResNetMixin, RegNet):
     same ``state_dict`` keys, identical outputs; SBP is off in eval mode.
 
     Args:
-        sbp (dict, optional): the keys of ``ResNetSBP`` (``keep_ratio``,
-            ``sampling``, ``grid_cell``, ``grad_scale``, ``recompute``,
-            ``stages``, ``blocks``).
-        **kwargs: the arguments of ``mmdet.models.RegNet``.
+        sbp (dict, optional): SBP settings, the keys of ``ResNetSBP`` (listed
+            there).
+        *args, **kwargs: the arguments of ``mmdet.models.RegNet``, positional ones in
+            its order (``sbp`` is keyword-only).
     """
 
     stem_stride = 2

@@ -21,9 +21,11 @@ class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
             neck gets every row's gradient), ``dense_outputs`` (True: the
             classification and regression convs run densely, SBP on the
             tower only); ``keep_ratio``/``sampling``/
-            ``per_image``, if given, must agree with the mask it follows.
+            ``per_image``, if given, must agree with the mask it follows,
+            and ``grid_cell`` is the mask's (given, it is not used).
             Default: None.
-        *args, **kwargs: the arguments of ``mmdet.models.RPNHead``.
+        *args, **kwargs: the arguments of ``mmdet.models.RPNHead``, positional ones in
+            its order (``sbp`` is keyword-only).
     """
 
     def sbp_program(self) -> SBPProgram:

@@ -5,6 +5,7 @@ from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 
 from ...sbp import RowLocal, SBPProgram, SBPState, Unit, conv_unit
+from ...sbp.tracing import check_layer_not_traced, mark_sbp_layers
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
 
@@ -23,6 +24,9 @@ class SBPConvModule(ConvModule):
     def adopt(cls, module: ConvModule, where: str) -> 'SBPConvModule':
         """Turn a built ``ConvModule`` into this class in place (same weights).
 
+        The module is marked as an SBP layer: torch.fx may not trace it
+        (``sbp_mmdet.sbp.tracing``).
+
         Raises:
             TypeError: for a layer SBP cannot run, naming ``where`` (at build
                 time, not at the first training forward).
@@ -31,6 +35,7 @@ class SBPConvModule(ConvModule):
             raise TypeError(f'{where}: expected a ConvModule, got {type(module).__name__}')
         module.__class__ = cls
         module.sbp_where = where
+        mark_sbp_layers([module])
         module.sbp_program()
         return module
 
@@ -41,6 +46,7 @@ class SBPConvModule(ConvModule):
 
     def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
         if self.sbp_state is None or not (activate and norm):
+            check_layer_not_traced(self)  # torch.fx would record the dense path
             return super().forward(x, activate, norm)
         return self.sbp_state.run(self.sbp_program(), x)
 

@@ -12,7 +12,7 @@ from ..sbp_types import supported_backbones
 
 CONV_GROUPS = {'lateral': 'lateral_convs', 'output': 'fpn_convs'}
 # SBP on the laterals only: SBP on the output convs cuts the top-down gradient into the
-# dense last stage and cost 2-3 mAP points in the accuracy study (README, Accuracy).
+# dense last stage, which cost accuracy (docs/accuracy.md, docs/gradient_fidelity.md).
 DEFAULT_CONVS = ('lateral',)
 
 
@@ -45,9 +45,8 @@ class FPNSBP(SBPModuleMixin, FPN):
             densely (a dense lateral stores its backbone map in full, a dense
             output conv its merged map). The default keeps the output convs
             dense: with SBP there they cut the top-down gradient into the
-            backbone's dense last stage, which cost 2-3 mAP points in the
-            accuracy study, for 2 % of dense's saved bytes (Faster R-CNN R50
-            at 800x1344: 0.64x with the laterals only, 0.61x with both).
+            backbone's dense last stage, which cost accuracy for a little
+            memory (docs/accuracy.md, docs/memory.md).
             ``exact_input_grad`` (bool, or a sequence of groups among
             ``convs``; default False): SBP on those convs' weight gradients
             only (True: every SBP group; see ``SBPConfig``). Their input
@@ -55,13 +54,14 @@ class FPNSBP(SBPModuleMixin, FPN):
             (no stored activations), so they store what SBP stores without
             cutting the gradient path into the top-down path and backbone.
             Default: None.
-        **kwargs: the arguments of ``mmdet.models.FPN``.
+        *args, **kwargs: the arguments of ``mmdet.models.FPN``, positional ones in
+            its order (``sbp`` is keyword-only).
     """
 
     sbp_extra_keys = ('own_mask', 'convs', 'exact_input_grad')
 
-    def __init__(self, sbp: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         extra = self.init_sbp(sbp, self.sbp_extra_keys)
         self.own_mask = bool(extra.get('own_mask', False))
         convs = extra.get('convs', DEFAULT_CONVS)
