@@ -7,27 +7,25 @@ initial weights, data order and sampling (``SBPHook``/``StepSeedHook`` reseed
 every step), so the per-seed differences are what is compared, with their mean
 and a 95 % Student-t interval over the seeds both ran. Each run's
 ``result.json`` records its options, the config digest, the commit and the
-sha256 of the pretrained weights it loaded. Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional
-``:random`` (random instead of grid sampling), ``:stages=0110`` (which
-backbone stages use SBP), ``:cell=4`` (grid cell rows), ``:inverse_keep``
-(gradients scaled by 1/keep ratio in backbone and neck), ``:dense_neck``
-(mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
-``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP on
-the lateral convs, the output convs or both, the others dense),
-``:exact_output`` (with ``:neck=both``: the output convs' SBP on their weight
-gradients only, their inputs get the exact gradient; ``sbp.exact_input_grad``),
-``:exact`` (``sbp.exact_input_grad`` in the backbone, the neck and an SBP head:
-SBP on the parameters' gradients only; needs ``norm_eval=True``),
-``:sbp_rpn_head`` and ``:sbp_retina_head`` (``RPNHeadSBP``/``RetinaHeadSBP``
-instead of the dense head: SBP in the head too), ``:head_exact``,
-``:head_inverse_keep`` and ``:head_dense_outputs`` (with an SBP head:
-``exact_input_grad``, gradients scaled by 1/keep ratio, or ``dense_outputs``:
-SBP on the tower only, in the head only), ``:per_image`` (one mask per
-image), ``:objects`` (per-image masks keeping the rows that cover
-ground-truth boxes first; the config needs ``SBPHook``) and ``:recompute``
-(``sbp.recompute``: the same gradients at less memory, more backward time)
-suffixes, e.g.
-``sbp@0.5:random``.
+sha256 of the pretrained weights it loaded.
+
+Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional ``:random`` (random instead
+of grid sampling), ``:stages=0110`` (which backbone stages use SBP), ``:cell=4`` (grid
+cell rows), ``:inverse_keep`` (gradients scaled by 1/keep ratio in backbone and neck),
+``:dense_neck`` (mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
+``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP
+on the lateral convs, the output convs or both, the others dense), ``:exact_output``
+(with ``:neck=both``: the output convs' SBP on their weight gradients only, their inputs
+get the exact gradient; ``sbp.exact_input_grad``), ``:exact`` (``sbp.exact_input_grad``
+in the backbone, the neck and an SBP head: SBP on the parameters' gradients only; needs
+``norm_eval=True``), ``:sbp_rpn_head`` and ``:sbp_retina_head``
+(``RPNHeadSBP``/``RetinaHeadSBP`` instead of the dense head: SBP in the head too),
+``:head_exact``, ``:head_inverse_keep`` and ``:head_dense_outputs`` (with an SBP head:
+``exact_input_grad``, gradients scaled by 1/keep ratio, or ``dense_outputs``: SBP on the
+tower only, in the head only), ``:per_image`` (one mask per image), ``:objects``
+(per-image masks keeping the rows that cover ground-truth boxes first; the config needs
+``SBPHook``) and ``:recompute`` (``sbp.recompute``: the same gradients at less memory,
+more backward time) suffixes, e.g. ``sbp@0.5:random``.
 
 Example::
 
