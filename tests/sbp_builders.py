@@ -3,8 +3,10 @@
 The test files import them from here (no test file imports another); the
 comparisons with SBP's reference are in ``sbp_reference``.
 """
+import importlib.util
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence, Tuple
 
 import torch
@@ -156,3 +158,12 @@ def preprocessed_batch(model: nn.Module, shapes: Sequence[Tuple[int, int]]) -> d
     padded = [32 * math.ceil(max(size) / 32) for size in zip(*shapes)]
     assert list(data['inputs'].shape[2:]) == padded
     return data
+
+
+def load_tool(path: str) -> ModuleType:
+    """The repository script at ``path`` (e.g. ``tools/analysis_tools/sbp_accuracy.py``),
+    imported as a module."""
+    spec = importlib.util.spec_from_file_location('tool_' + Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

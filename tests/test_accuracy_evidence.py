@@ -1,7 +1,6 @@
 """What the accuracy study's evidence rests on: every machine fine-tunes from the same
 shipped backbone (its sha256 checked on load), a dense run and an SBP run of one seed
 pair step by step, and the study reports paired differences with a t interval."""
-import importlib.util
 import shutil
 import statistics
 import subprocess
@@ -16,6 +15,8 @@ from sbp_mmdet.datasets import generate_synthetic_coco
 from sbp_mmdet.utils import PretrainedDigestError, check_pretrained_weights, file_sha256
 from sbp_mmdet.utils.pretrained_check import expected_digest
 
+from sbp_builders import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / 'configs' / 'synthetic'
 FINETUNE_CONFIGS = sorted(SYNTHETIC.glob('*-finetune.py'))
@@ -24,11 +25,7 @@ SBP_FINETUNE = SYNTHETIC / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
 
 
 def load_accuracy_tool():
-    spec = importlib.util.spec_from_file_location(
-        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/sbp_accuracy.py')
 
 
 def shipped_backbone() -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
 
-from sbp_builders import TINY_DATA_CFG, build_detector, small_retinanet_cfg
+from sbp_builders import TINY_DATA_CFG, build_detector, load_tool, small_retinanet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SBP_CONFIG = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic.py'
@@ -341,11 +341,7 @@ def test_grad_fidelity_tool_refuses_keep_ratios_outside_0_1():
 
 
 def test_accuracy_iters_stretch_the_lr_schedule_and_keep_the_warmup():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('tools/analysis_tools/sbp_accuracy.py')
     config = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
     assert list(tool.schedule_options(str(config), 400)) == [
         'train_cfg.max_iters=400', 'train_cfg.val_interval=400',
@@ -354,11 +350,7 @@ def test_accuracy_iters_stretch_the_lr_schedule_and_keep_the_warmup():
 
 
 def test_accuracy_variants_become_config_options():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('tools/analysis_tools/sbp_accuracy.py')
     assert tool.variant_options('dense') == ['model.backbone.sbp.keep_ratio=1.0']
     assert tool.variant_options('sbp@0.25:random:stages=0110:cell=4:inverse_keep') == [
         'model.backbone.sbp.keep_ratio=0.25', 'model.backbone.sbp.sampling=random',
@@ -399,11 +391,7 @@ def test_accuracy_variants_become_config_options():
 def test_accuracy_reuse_needs_the_same_config_settings(tmp_path):
     """A run made from another version of the config is trained again; a config
     that only moves settings between files keeps its digest."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('tools/analysis_tools/sbp_accuracy.py')
     base = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
     same, changed = tmp_path / 'same.py', tmp_path / 'changed.py'
     same.write_text(f"_base_ = '{base}'\n")
@@ -424,11 +412,7 @@ def test_accuracy_reuse_needs_the_same_config_settings(tmp_path):
 
 def test_accuracy_of_a_model_that_detects_nothing_is_zero():
     """mmdet's CocoMetric gives no mAP for an empty result (an undertrained model)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'sbp_accuracy', REPO / 'tools' / 'analysis_tools' / 'sbp_accuracy.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('tools/analysis_tools/sbp_accuracy.py')
     assert tool.bbox_metrics({'time': 0.4}) == (0.0, 0.0, False)
     assert tool.bbox_metrics({'coco/bbox_mAP': 0.3, 'coco/bbox_mAP_50': 0.5}) == (0.3, 0.5, True)
 

@@ -6,7 +6,6 @@ against the configs, the results index against ``docs/results/``, every command 
 the parser of the tool it runs. Nothing here measures anything.
 """
 import ast
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -23,6 +22,8 @@ import sbp_mmdet  # noqa: F401  (registers the SBP modules)
 from sbp_mmdet.models.necks.fpn_sbp import CONV_GROUPS
 from sbp_mmdet.sbp import MASK_POLICIES, SBPConfig, SBPModuleMixin
 from sbp_mmdet.sbp.config import GRAD_SCALES
+
+from sbp_builders import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / 'README.md'
@@ -477,13 +478,6 @@ def shown_commands() -> list:
                 if line and not line.startswith('#'):
                     commands.append((page.name, shlex.split(line)))
     return commands
-
-
-def load_tool(path: str):
-    spec = importlib.util.spec_from_file_location('doc_tool_' + Path(path).stem, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_tool_args(path: str, args: list, monkeypatch) -> None:

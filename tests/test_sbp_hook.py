@@ -13,6 +13,8 @@ import sbp_mmdet  # noqa: F401
 from sbp_mmdet.datasets import generate_synthetic_coco
 from sbp_mmdet.hooks import SBPHook, keep_ratio_schedule
 
+from sbp_builders import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_SBP = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-tiny.py'
 
@@ -96,10 +98,7 @@ def test_visualiser_writes_one_panel_per_stride_and_sampling(tmp_path):
 
 
 def test_visualiser_masks_match_across_strides():
-    from importlib import util
-    spec = util.spec_from_file_location('vis', REPO / 'tools' / 'visualize_sbp_masks.py')
-    vis = util.module_from_spec(spec)
-    spec.loader.exec_module(vis)
+    vis = load_tool('tools/visualize_sbp_masks.py')
     masks = vis.masks_for(64, 0.5, 'grid', [4, 8, 16], 16, seed=0, iteration=3)
     assert (masks[4] == masks[16]).all() and (masks[8] == masks[16]).all()
     assert masks[16].mean() == 0.5
