@@ -42,6 +42,11 @@ def keep_ratio_schedule(base: float, it: int, max_iters: Optional[int] = None,
     return ratio
 
 
+def _resumed(runner) -> bool:
+    """Whether the run goes on from a checkpoint (it starts past iteration 0)."""
+    return runner.iter > 0 or runner.epoch > 0
+
+
 @HOOKS.register_module()
 class SBPHook(StepSeedHook):
     """Schedules the SBP keep ratio, makes ``--resume`` exact and logs SBP state.
@@ -154,10 +159,14 @@ class SBPHook(StepSeedHook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded_meta = checkpoint.get('meta', {})
 
+    def _resumed_sbp_meta(self, runner) -> Optional[dict]:
+        """The ``meta.sbp`` of the checkpoint a resumed run loaded (None when the run
+        starts afresh or the checkpoint has none)."""
+        return (self._loaded_meta or {}).get('sbp') if _resumed(runner) else None
+
     def run_seed(self, runner) -> int:
         """The seed of the interrupted run on resume (``meta.sbp``), else the run's."""
-        resumed = runner.iter > 0 or runner.epoch > 0
-        sbp_meta = (self._loaded_meta or {}).get('sbp') if resumed else None
+        sbp_meta = self._resumed_sbp_meta(runner)
         return int(sbp_meta['seed'] if sbp_meta else runner.seed)
 
     def before_train(self, runner) -> None:
@@ -167,16 +176,14 @@ class SBPHook(StepSeedHook):
                                'remove the hook or use an SBP backbone/neck')
         self._base = {id(m): m.keep_ratio for m in modules}
         super().before_train(runner)  # self.seed; the reseeded batches
-        resumed = runner.iter > 0 or runner.epoch > 0
-        sbp_meta = (self._loaded_meta or {}).get('sbp') if resumed else None
         for module in modules:
             module.mask_sampler.set_seed(self.seed)
         samplers = [m.mask_sampler for m in modules if m.mask_sampler.policy.needs_boxes]
         if samplers and self._boxes_handle is None:
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             self._boxes_handle = feed_gt_boxes(model, samplers)
-        if resumed:
-            self._check_resume(runner, sbp_meta)
+        if _resumed(runner):
+            self._check_resume(runner, self._resumed_sbp_meta(runner))
 
     def _check_resume(self, runner, sbp_meta: Optional[dict]) -> None:
         """Warn about what a resumed run cannot repeat of the interrupted one."""

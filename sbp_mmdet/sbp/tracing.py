@@ -34,10 +34,10 @@ class SBPTracingError(TypeError):
     """torch.fx was asked to trace an SBP module or layer."""
 
 
-def fx_symbolic_tracing() -> bool:
-    """Whether ``torch.fx.symbolic_trace`` is tracing now (not ``torch.compile``)."""
-    check = getattr(_symbolic_trace, 'is_fx_symbolic_tracing', None)  # absent in older torch
-    return check() if check is not None else _symbolic_trace.is_fx_tracing()
+# torch >= 2.5 tells symbolic tracing apart from torch.compile's; older torch has one flag
+fx_symbolic_tracing = getattr(_symbolic_trace, 'is_fx_symbolic_tracing',
+                              _symbolic_trace.is_fx_tracing)
+"""Whether ``torch.fx.symbolic_trace`` is tracing now (not ``torch.compile``)."""
 
 
 def mark_sbp_layers(layers: Iterable[nn.Module]) -> None:
@@ -96,7 +96,7 @@ def check_layer_not_traced(layer: nn.Module) -> None:
         SBPTracingError: while ``torch.fx.symbolic_trace`` traces an SBP
             layer, naming it (``sbp_where``).
     """
-    if not (fx_symbolic_tracing() and is_sbp_layer(layer)):  # the flag first: every forward asks
+    if not (is_sbp_layer(layer) and fx_symbolic_tracing()):  # the flag first: every forward asks
         return
     where = getattr(layer, 'sbp_where', type(layer).__name__)
     raise SBPTracingError(
