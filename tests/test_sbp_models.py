@@ -277,13 +277,14 @@ def test_faster_rcnn_config_saves_much_less_for_backward():
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from sbp_mmdet.benchmark import Variant, detector_batch
+    from sbp_mmdet.benchmark import detector_batch, variant_model
+    from sbp_mmdet.variants import parse_variant
     register_all_modules()
     cfg = Config.fromfile('configs/faster_rcnn_r50_sbp.py')
     saved = {}
     for name in ('dense', 'sbp@0.5', 'sbp@0.25', 'sbp@0.5+recompute'):
         torch.manual_seed(0)
-        model = MODELS.build(Variant.parse(name).apply(cfg.model))
+        model = MODELS.build(variant_model(cfg.model, parse_variant(name)))
         model.train()
         data = detector_batch(model, 2, 256, 384, num_classes=80)
         meter = SavedTensorMeter(model, {'backbone': model.backbone, 'neck': model.neck})
