@@ -14,7 +14,7 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import REPO, TINY_DATA_CFG
-from sbp_reference import assert_grads_match, masking_hooks
+from sbp_reference import assert_grads_match, backward_both, masking_hooks
 
 CONFIG = str(REPO / 'configs' / 'mask_rcnn_convnext_t_sbp.py')
 TINY_ARCH = {'depths': [1, 1, 2, 1], 'channels': [8, 16, 24, 32]}
@@ -78,9 +78,7 @@ def assert_convnext_matches_reference(model, dense, x, seed=0):
     torch.manual_seed(seed)
     ref_outs = dense(x)
     assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     assert_grads_match(model, dense)
 
 

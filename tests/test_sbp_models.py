@@ -11,8 +11,8 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
 from sbp_builders import build_detector, preprocessed_batch, resnet_pair, small_faster_rcnn_cfg
 from sbp_reference import (STRIDES, add_reference_hooks, assert_grad_close, assert_grads_match,
-                           assert_matches_reference, enabled_blocks, stride_from_height, total_loss,
-                           weight_masking_hook)
+                           assert_matches_reference, backward_both, enabled_blocks,
+                           stride_from_height, total_loss, weight_masking_hook)
 
 
 def assert_resnet_matches_reference(sbp, dense, x):
@@ -23,9 +23,7 @@ def assert_resnet_matches_reference(sbp, dense, x):
     assert iteration is not None
     add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, x.shape[2])
     ref_outs = dense(x)
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     for o, r in zip(outs, ref_outs):
         torch.testing.assert_close(o, r)
     assert_grads_match(sbp, dense)
