@@ -204,7 +204,7 @@ def parse_variant(name: str, model: Optional[Mapping] = None) -> Variant:
         keep_ratio = _keep_ratio(name, base[len('sbp@'):])
     tokens = tuple(ALIASES.get(word, word) for word in rest)
     for token in tokens:
-        key = token.split('=')[0] + '=' if '=' in token and token not in TOKENS else token
+        key = _table_key(token)
         if key not in TOKENS:
             raise ValueError(f'unknown token {token!r} in variant {name!r}; {grammar()}')
         if TOKENS[key].sbp_only and keep_ratio is None:
@@ -221,7 +221,7 @@ def parse_variant(name: str, model: Optional[Mapping] = None) -> Variant:
         options['model.backbone.sbp.keep_ratio'] = 1.0
     setter: Dict[str, str] = {}
     for token in tokens:
-        key = token.split('=')[0] + '=' if token not in TOKENS else token
+        key = _table_key(token)
         try:
             mine = TOKENS[key].options(token[len(key):], parts)
         except ValueError as e:
@@ -242,6 +242,13 @@ def variant_argument(name: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return name
+
+
+def _table_key(token: str) -> str:
+    """The ``TOKENS`` key of ``token``: itself, or ``key=`` for ``key=<argument>``."""
+    if token in TOKENS or '=' not in token:
+        return token
+    return token.split('=')[0] + '='
 
 
 def _keep_ratio(name: str, text: str) -> float:
