@@ -15,6 +15,7 @@ from torch.utils.flop_counter import flop_registry
 from .amp import cpu_autocast_fallbacks
 from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
+from .variants import Variant
 
 # What a benchmark step trains: the whole detector, or its backbone and neck alone.
 PARTS = ('detector', 'backbone_neck')
@@ -47,84 +48,49 @@ class FlopMeter(TorchDispatchMode):
         return out
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One way to train the same detector.
+def precision(variant: Variant, device: str) -> str:
+    """``'fp32'``, or the autocast dtype of an ``amp`` variant on ``device``: fp16 on
+    CUDA, bf16 on the CPU (with ``cpu_autocast_fallbacks``: the RPN's proposal step and
+    RoIAlign in fp32, as the CUDA path effectively runs them)."""
+    if not variant.amp:
+        return 'fp32'
+    return 'fp16' if device.startswith('cuda') else 'bf16'
 
-    Args:
-        name: label in tables, e.g. ``'sbp@0.5+recompute'``.
-        keep_ratio: SBP keep ratio, or None for the dense modules.
-        with_cp: mmdet's gradient checkpointing in the backbone.
-        recompute: SBP's recompute switch.
-        amp: mixed precision: ``torch.autocast`` in fp16 on CUDA, in bf16 on
-            the CPU (with ``cpu_autocast_fallbacks``: the RPN's proposal step
-            and RoIAlign in fp32, as the CUDA path effectively runs them).
-        exact_input_grad: ``sbp.exact_input_grad`` on every SBP module.
+
+def is_reference(variant: Variant) -> bool:
+    """Plain backprop without checkpointing: the reference of its precision."""
+    return not variant.sbp and not variant.with_cp
+
+
+def variant_model(model_cfg: dict, variant: Variant) -> dict:
+    """A copy of ``model_cfg`` (with SBP modules) with ``variant``'s model options.
+
+    Every variant starts from the config with the backbone's ``with_cp`` and
+    ``sbp.recompute`` off (the COCO configs turn recompute on: ``sbp@0.5`` and
+    ``sbp@0.5:recompute`` are two rows) and a random init (no weights are downloaded).
+    A dense variant runs mmdet's own modules (the SBP types swapped back, their ``sbp``
+    dropped): the benchmark's reference.
     """
-
-    name: str
-    keep_ratio: Optional[float] = None
-    with_cp: bool = False
-    recompute: bool = False
-    amp: bool = False
-    exact_input_grad: bool = False
-
-    @classmethod
-    def parse(cls, name: str) -> 'Variant':
-        """``dense``, ``with_cp``, ``amp`` (dense in mixed precision) or ``sbp@R``, each
-        with ``+cp``/``+recompute``/``+amp`` flags, e.g. ``sbp@0.5+cp+amp``, and
-        ``sbp@R`` with ``+exact`` (``exact_input_grad``)."""
-        head, *flags = name.split('+')
-        unknown = set(flags) - {'cp', 'recompute', 'amp', 'exact'}
-        if unknown:
-            raise ValueError(f'unknown variant flag(s) {sorted(unknown)} in {name!r}')
-        keep = None
-        if head.startswith('sbp@'):
-            keep = float(head[4:])
-        elif head == 'with_cp':
-            flags.append('cp')
-        elif head == 'amp':
-            flags.append('amp')
-        elif head != 'dense':
-            raise ValueError(f'unknown variant {name!r}: use dense, with_cp, amp or sbp@R[+cp]'
-                             '[+recompute][+amp][+exact]')
-        if 'exact' in flags and keep is None:
-            raise ValueError(f'variant {name!r}: +exact applies to sbp@R variants only')
-        return cls(name, keep, 'cp' in flags, 'recompute' in flags, 'amp' in flags,
-                   'exact' in flags)
-
-    @property
-    def is_dense(self) -> bool:
-        """Plain backprop without checkpointing: the reference of its precision."""
-        return self.keep_ratio is None and not self.with_cp
-
-    def precision(self, device: str) -> str:
-        """``'fp32'``, or the autocast dtype on ``device`` (``'fp16'``/``'bf16'``)."""
-        if not self.amp:
-            return 'fp32'
-        return 'fp16' if device.startswith('cuda') else 'bf16'
-
-    def apply(self, model_cfg: dict) -> dict:
-        """A copy of ``model_cfg`` (with SBP modules) turned into this variant."""
-        cfg = copy.deepcopy(model_cfg)
+    cfg = copy.deepcopy(model_cfg)
+    backbone = cfg['backbone']
+    backbone.update(with_cp=False, init_cfg=None)
+    if isinstance(backbone.get('sbp'), dict):
+        backbone['sbp'] = dict(backbone['sbp'], recompute=False)
+    for key, value in variant.model_options().items():
+        *path, leaf = key.split('.')
+        node = cfg
+        for name in path:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[leaf] = value
+    if not variant.sbp:
         for part in ('backbone', 'neck', 'rpn_head', 'bbox_head'):
             sub = cfg.get(part)
-            if not isinstance(sub, dict):
-                continue
-            if self.keep_ratio is None:
-                if sub.get('type') in SBP_TYPES:
-                    sub['type'] = SBP_TYPES[sub['type']]
-                    sub.pop('sbp', None)
-            elif part == 'backbone':
-                # with_cp checkpoints the dense blocks; SBP blocks recompute by sbp.recompute
-                sub['sbp'] = dict(sub.get('sbp') or {}, keep_ratio=self.keep_ratio,
-                                  recompute=self.recompute or self.with_cp)
-            if self.exact_input_grad and sub.get('type') in SBP_TYPES:
-                sub['sbp'] = dict(sub.get('sbp') or {}, exact_input_grad=True)
-            if part == 'backbone':
-                sub['with_cp'] = self.with_cp
-                sub['init_cfg'] = None  # random init: no weights are downloaded
-        return cfg
+            if isinstance(sub, dict) and sub.get('type') in SBP_TYPES:
+                sub['type'] = SBP_TYPES[sub['type']]
+                sub.pop('sbp', None)
+    return cfg
 
 
 @dataclass
@@ -193,15 +159,14 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     from mmdet.utils import register_all_modules
     register_all_modules()
     torch.manual_seed(seed)
-    model = MODELS.build(variant.apply(config.model)).to(device)
+    model = MODELS.build(variant_model(config.model, variant)).to(device)
     model.init_weights()
     model.train()
     num_classes = _num_classes(config.model)
     data = detector_batch(model, batch_size, height, width, num_classes, seed)
     data = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.items()}
     data['data_samples'] = [s.to(device) for s in data['data_samples']]
-    precision = variant.precision(device)
-    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision(variant, device))
     autocast = torch.autocast(device.split(':')[0], dtype=dtype, enabled=dtype is not None)
 
     meter = SavedTensorMeter(model, model_components(model))
@@ -212,7 +177,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     with FlopMeter() as flops:
         loss.backward()
     del loss
-    result = Measurement(variant.name, precision, meter.mebibytes,
+    result = Measurement(variant.name, precision(variant, device), meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()},
                          flops.total / 1e9)
     if device.startswith('cuda'):

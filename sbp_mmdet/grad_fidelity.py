@@ -8,12 +8,13 @@ which is reseeded before each pass so that both passes sample the same
 anchors and proposals; SBP's mask follows the iteration index.
 """
 from collections import defaultdict
-from typing import Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import SBPHook
+from .variants import parse_variant
 
 BACKBONE_STEM = ('conv1', 'bn1', 'stem')
 
@@ -52,6 +53,29 @@ def compare_gradients(reference: Dict[str, Tensor],
         cosine = float(torch.dot(ref, grad)) / (ref_norm * norm) if norm else 0.0
         out[group] = dict(cosine=cosine, norm_ratio=norm / ref_norm)
     return out
+
+
+def fidelity_variants(names: Sequence[str], model: Optional[Mapping] = None
+                      ) -> Tuple[List[float], Dict[str, Any]]:
+    """The keep ratios of the SBP variants ``names`` (docs/usage.md#variants) and the
+    config options they share, e.g. ``sbp@0.25:neck=both sbp@0.5:neck=both``: one model
+    measures them all, so they may differ in keep ratio only, and only model options
+    apply (the gradients are compared in fp32 at fixed weights)."""
+    variants = [parse_variant(name, model) for name in names]
+    for variant in variants:
+        if not variant.sbp or variant.keep_ratio >= 1.0:
+            raise ValueError(f'variant {variant.name!r}: gradient fidelity compares sbp@R '
+                             'variants, R in (0, 1), with dense (keep ratio 1.0)')
+        if variant.tokens != variants[0].tokens:
+            raise ValueError(f'variants {variants[0].name!r} and {variant.name!r} differ in '
+                             'more than the keep ratio: one model measures them all')
+        other = [key for key in variant.options if not key.startswith('model.')]
+        if other:
+            raise ValueError(f'variant {variant.name!r} sets {", ".join(other)}: gradient '
+                             'fidelity applies model options only (fp32, fixed weights)')
+    options = {key: value for key, value in variants[0].options.items()
+               if key != 'model.backbone.sbp.keep_ratio'}
+    return [variant.keep_ratio for variant in variants], options
 
 
 def gradients_at(model: nn.Module, data: dict, keep_ratio: float, step: int,

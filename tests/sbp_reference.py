@@ -6,7 +6,7 @@ output of every op inside it masked the same way (see
 ``sbp_mmdet/sbp/program.py``). This module builds that reference from the ops'
 plain module calls (``reference_program``) or by forward hooks on the dense
 modules (``add_reference_hooks``, ``head_hooks``), and compares SBP's values
-and gradients with it (``compare``/``assert_same`` for programs,
+and gradients with it (``compare``/``assert_same`` for programs, ``backward_both``,
 ``assert_grads_match``/``assert_matches_reference`` for models,
 ``run_three_ways``/``assert_amp_close`` under autocast). The test files
 import it; no test file imports another.
@@ -113,13 +113,14 @@ def weight_masking_hook(iteration: SBPIteration, stride_of: Callable[[Tensor], i
 
 
 def compare(build: Callable[[], nn.Module], program_of: Callable[[nn.Module], SBPProgram],
-            x_shape: Sequence[int], mask: Sequence[bool], stride: int = 4,
+            x_shape: Sequence[int], mask: Sequence, stride: int = 4,
             recompute: Union[bool, str] = False, grad_scale: str = 'none',
-            forward_seed: Optional[int] = None) -> tuple:
+            forward_seed: Optional[int] = None, exact_input_grad: bool = False) -> tuple:
     """Run ``program_of(build())`` with SBP and its copy as the reference, from
     equal weights and inputs, and back-propagate one random output gradient
     through both; with ``forward_seed``, each forward starts from that random
-    state (programs that draw, such as DropPath).
+    state (programs that draw, such as DropPath). ``mask``: one base mask, or
+    one per image.
 
     Returns ``(modules, ref_modules, x, x_ref, y, y_ref)`` for ``assert_same``.
     """
@@ -131,25 +132,32 @@ def compare(build: Callable[[], nn.Module], program_of: Callable[[nn.Module], SB
     x_ref = x.detach().clone().requires_grad_()
     if forward_seed is not None:
         torch.manual_seed(forward_seed)
-    y = program_of(modules)(x, it, stride, recompute=recompute, grad_scale=grad_scale)
+    exact = dict(exact_input_grad=True) if exact_input_grad else {}
+    y = program_of(modules)(x, it, stride, recompute=recompute, grad_scale=grad_scale, **exact)
     if forward_seed is not None:
         torch.manual_seed(forward_seed)
-    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride)
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
+    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride, exact_input_grad)
+    backward_both([y], [y_ref])
     return modules, ref_modules, x, x_ref, y, y_ref
+
+
+def backward_both(outs: Sequence[Tensor], ref_outs: Sequence[Tensor]) -> None:
+    """Back-propagate the same random gradient of each output through ``outs`` and
+    their references ``ref_outs``."""
+    grads = [torch.randn_like(o) for o in outs]
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
 
 
 def assert_same(modules: nn.Module, ref_modules: nn.Module, x: Tensor, x_ref: Tensor, y: Tensor,
                 y_ref: Tensor, param_scale: float = 1.0) -> None:
     """What ``compare`` returns: equal outputs, input and parameter gradients
-    (the reference's times ``param_scale``) and running statistics."""
+    (the reference's times ``param_scale``, relative to their scale: ``assert_grad_close``)
+    and running statistics."""
     assert torch.equal(y, y_ref) or torch.allclose(y, y_ref, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
     for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad * param_scale, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f'{name}: {m}')
+        assert_grad_close(p.grad, q.grad * param_scale, name)
     for a, b in zip(modules.buffers(), ref_modules.buffers()):
         torch.testing.assert_close(a, b)  # running statistics updated once, identically
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbp_mmdet.benchmark import Variant, describe_cpu, measure_variant
+from sbp_mmdet.benchmark import describe_cpu, measure_variant
+from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import TINY_DATA_CFG, build_detector, load_tool, small_retinanet_cfg
 
@@ -44,25 +45,6 @@ def run_accuracy_tool(tmp_path: Path, workspace: Path, *args: str) -> dict:
     for log in ('train.log', 'test.log'):
         assert all('Config:' in path.read_text() for path in (tmp_path / 'work').rglob(log))
     return result
-
-
-def test_variants_parse_and_turn_the_config_dense_or_sbp():
-    model = dict(backbone=dict(type='ResNetSBP', sbp=dict(keep_ratio=0.5)),
-                 neck=dict(type='FPNSBP'), rpn_head=dict(type='RPNHeadSBP'))
-    dense = Variant.parse('dense').apply(model)
-    assert dense['backbone']['type'] == 'ResNet' and 'sbp' not in dense['backbone']
-    assert dense['neck']['type'] == 'FPN' and dense['rpn_head']['type'] == 'RPNHead'
-    sbp = Variant.parse('sbp@0.25+recompute+cp').apply(model)
-    assert sbp['backbone']['sbp'] == dict(keep_ratio=0.25, recompute=True)
-    assert sbp['backbone']['with_cp'] and sbp['neck']['type'] == 'FPNSBP'
-    assert Variant.parse('with_cp').apply(model)['backbone']['with_cp']
-    exact = Variant.parse('sbp@0.5+exact').apply(model)
-    assert all(exact[part]['sbp']['exact_input_grad'] for part in ('backbone', 'neck', 'rpn_head'))
-    for bad in ('sparse', 'sbp@0.5+fast'):
-        with pytest.raises(ValueError, match='unknown variant'):
-            Variant.parse(bad)
-    with pytest.raises(ValueError, match=r"variant 'dense\+exact': \+exact applies to sbp@R"):
-        Variant.parse('dense+exact')
 
 
 def run_benchmark_tool(out: Path, *args: str, config: Path = SBP_CONFIG):
@@ -125,7 +107,7 @@ def test_backward_flops_count_the_engine_packed_rows_and_recomputed_convs():
     checkpointing add their re-run forward convolutions."""
     from mmengine.config import Config
     cfg = Config.fromfile(str(SBP_CONFIG))
-    gflop = {name: measure_variant(cfg, Variant.parse(name), 1, 64, 96, 0, 0, 'cpu',
+    gflop = {name: measure_variant(cfg, parse_variant(name), 1, 64, 96, 0, 0, 'cpu',
                                    part='backbone_neck').backward_gflop
              for name in ('dense', 'with_cp', 'sbp@0.5', 'sbp@0.5+recompute')}
     assert 0.3 * gflop['dense'] < gflop['sbp@0.5'] < 0.8 * gflop['dense']
@@ -143,7 +125,7 @@ def test_backward_flops_are_counted_through_an_sbp_head():
     gflop = {}
     for head in ('RetinaHead', 'RetinaHeadSBP'):
         cfg.model.bbox_head.type = head
-        gflop[head] = measure_variant(cfg, Variant.parse('sbp@0.5'), 1, 64, 96, 0, 0,
+        gflop[head] = measure_variant(cfg, parse_variant('sbp@0.5'), 1, 64, 96, 0, 0,
                                       'cpu').backward_gflop
     assert 0 < gflop['RetinaHeadSBP'] < gflop['RetinaHead']
 
@@ -151,7 +133,7 @@ def test_backward_flops_are_counted_through_an_sbp_head():
 def test_benchmark_refuses_an_unknown_part():
     from mmengine.config import Config
     with pytest.raises(ValueError, match="part must be one of .*'rpn'"):
-        measure_variant(Config.fromfile(str(SBP_CONFIG)), Variant.parse('dense'), 1, 64, 96,
+        measure_variant(Config.fromfile(str(SBP_CONFIG)), parse_variant('dense'), 1, 64, 96,
                         0, 0, 'cpu', part='rpn')
 
 
@@ -347,45 +329,6 @@ def test_accuracy_iters_stretch_the_lr_schedule_and_keep_the_warmup():
         'train_cfg.max_iters=400', 'train_cfg.val_interval=400',
         'default_hooks.checkpoint.interval=400', 'param_scheduler.1.end=400',
         'param_scheduler.1.T_max=350']
-
-
-def test_accuracy_variants_become_config_options():
-    tool = load_tool('tools/analysis_tools/sbp_accuracy.py')
-    assert tool.variant_options('dense') == ['model.backbone.sbp.keep_ratio=1.0']
-    assert tool.variant_options('sbp@0.25:random:stages=0110:cell=4:inverse_keep') == [
-        'model.backbone.sbp.keep_ratio=0.25', 'model.backbone.sbp.sampling=random',
-        'model.backbone.sbp.stages=(False,True,True,False,)', 'model.backbone.sbp.grid_cell=4',
-        'model.backbone.sbp.grad_scale=inverse_keep', 'model.neck.sbp.grad_scale=inverse_keep']
-    assert tool.variant_options('sbp@0.5:dense_neck:inverse_keep') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.type=FPN',
-        'model.backbone.sbp.grad_scale=inverse_keep']
-    assert tool.variant_options('sbp@0.5:neck=output') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(output,)']
-    assert tool.variant_options('sbp@0.5:neck=both')[1] == 'model.neck.sbp.convs=(lateral,output)'
-    assert tool.variant_options('sbp@0.5:neck=both:exact_output')[2] == \
-        'model.neck.sbp.overrides.output.exact_input_grad=True'
-    assert tool.variant_options('sbp@0.5:neck=both:sbp_rpn_head:exact')[3:] == [
-        'model.backbone.sbp.exact_input_grad=True', 'model.neck.sbp.exact_input_grad=True',
-        'model.rpn_head.sbp.exact_input_grad=True']
-    assert tool.variant_options('sbp@0.5:sbp_rpn_head') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.rpn_head.type=RPNHeadSBP']
-    assert tool.variant_options('sbp@0.5:sbp_retina_head') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.bbox_head.type=RetinaHeadSBP']
-    assert tool.variant_options('sbp@0.5:sbp_retina_head:head_exact:head_inverse_keep')[2:] == [
-        'model.bbox_head.sbp.exact_input_grad=True', 'model.bbox_head.sbp.grad_scale=inverse_keep']
-    assert tool.variant_options('sbp@0.5:sbp_rpn_head:head_dense_outputs')[2:] == [
-        'model.rpn_head.sbp.dense_outputs=True']
-    with pytest.raises(ValueError, match='needs an SBP head'):
-        tool.variant_options('sbp@0.5:head_exact')
-    assert tool.variant_options('sbp@0.5:neck=lateral:objects') == [
-        'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(lateral,)',
-        'model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
-    assert tool.variant_options('sbp@0.5:per_image')[1] == 'model.backbone.sbp.per_image=True'
-    assert tool.variant_options('sbp@0.75:recompute') == [
-        'model.backbone.sbp.keep_ratio=0.75', 'model.backbone.sbp.recompute=True']
-    for bad in ('sbp@0.5:fast', 'dense:random', 'sparse'):
-        with pytest.raises(ValueError, match='variant'):
-            tool.variant_options(bad)
 
 
 def test_accuracy_reuse_needs_the_same_config_settings(tmp_path):

@@ -23,7 +23,7 @@ from sbp_mmdet.sbp import SBPTracingError
 
 from sbp_builders import REPO, build_detector, preprocessed_batch, small_faster_rcnn_cfg
 from sbp_reference import (STRIDES, add_reference_hooks, assert_grads_match,
-                           assert_matches_reference, reference_units, total_loss)
+                           assert_matches_reference, backward_both, reference_units, total_loss)
 
 COCO = REPO / 'configs' / 'faster_rcnn_r50_sbp.py'
 COCO_HEADS = REPO / 'configs' / 'faster_rcnn_r50_sbp_heads.py'
@@ -178,9 +178,7 @@ def test_torch_compile_gives_the_dense_forward_and_reference_gradients_at_every_
         assert len(outs) == len(ref_outs) == 5
         for out, ref in zip(outs, ref_outs):
             torch.testing.assert_close(out, ref)
-        grads = [torch.randn_like(o) for o in outs]
-        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-        sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+        backward_both(outs, ref_outs)
         assert_grads_match(sbp_model, dense)
         sbp_model.zero_grad(set_to_none=True)
         dense.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from sbp_mmdet.sbp import (BatchNorm, IdentityMix, PoolMix, RowLocal, SBPIterati
 
 from sbp_builders import REPO, TINY_DATA_CFG, build_detector
 from sbp_reference import (add_reference_hooks, assert_grad_close, assert_grads_match,
-                           enabled_blocks, reference_program, total_loss)
+                           backward_both, enabled_blocks, reference_program, total_loss)
 
 TINY_REGNET = dict(w0=8, wa=8.0, wm=2.0, group_w=8, depth=6, bot_mul=1.0)
 BACKBONES = {  # SBP class, dense class, tiny arguments
@@ -73,9 +73,7 @@ def assert_backbone_matches_reference(name, size, **sbp_cfg):
     add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, size[0],
                         strides=(2, 4, 8, 16, 32))
     ref_outs = dense(x)
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     assert_grads_match(sbp, dense)
     kept = iteration.kept_rows(sbp.stage_strides[0], outs[0].shape[2])
     assert kept.shape[-1] < outs[0].shape[2]  # some rows really dropped

@@ -7,13 +7,14 @@ import torch
 from mmengine.config import Config
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.benchmark import Variant
+from sbp_mmdet.benchmark import variant_model
 from sbp_mmdet.models import FPNSBP, ConvNeXtSBP
 from sbp_mmdet.models.backbones.mmpretrain_convnext import ConvNeXt
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
+from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import REPO, TINY_DATA_CFG
-from sbp_reference import assert_grads_match, masking_hooks
+from sbp_reference import assert_grads_match, backward_both, masking_hooks
 
 CONFIG = str(REPO / 'configs' / 'mask_rcnn_convnext_t_sbp.py')
 TINY_ARCH = {'depths': [1, 1, 2, 1], 'channels': [8, 16, 24, 32]}
@@ -77,9 +78,7 @@ def assert_convnext_matches_reference(model, dense, x, seed=0):
     torch.manual_seed(seed)
     ref_outs = dense(x)
     assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     assert_grads_match(model, dense)
 
 
@@ -216,7 +215,7 @@ def mask_rcnn_cfg(sbp: bool) -> dict:
     """configs/mask_rcnn_convnext_t_sbp.py (mmdet's Mask R-CNN ConvNeXt-T with the
     backbone and neck types swapped), narrowed; without SBP, mmdet's types."""
     cfg = Config.fromfile(CONFIG).model
-    cfg = Variant.parse('sbp@0.5' if sbp else 'dense').apply(cfg)
+    cfg = variant_model(cfg, parse_variant('sbp@0.5' if sbp else 'dense'))
     cfg.backbone.update(arch=dict(TINY_ARCH))
     cfg.neck.update(in_channels=TINY_ARCH['channels'], out_channels=16)
     cfg.rpn_head.update(in_channels=16, feat_channels=16)

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import pytest
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import sbp_mmdet  # noqa: F401
@@ -58,26 +59,43 @@ def tiny_workspace(tmp_path_factory):
     return root
 
 
+class _DrawnMasks(Hook):
+    """Records the fraction of base-mask rows kept in each SBP iteration, read from the
+    mask that the backbone's outputs carry (``SBPFeatures.iteration``)."""
+
+    def before_train(self, runner: Runner) -> None:
+        self.kept = []
+        runner.model.backbone.register_forward_hook(self._record)
+
+    def _record(self, module, args, features) -> None:
+        if features.iteration.keep_ratio < 1.0:
+            self.kept.append(features.iteration.base_mask.float().mean().item())
+
+
 def test_hook_schedules_logs_and_drives_the_mask_step(tiny_workspace, monkeypatch):
     monkeypatch.chdir(tiny_workspace)
     cfg = Config.fromfile(str(TINY_SBP))
     cfg.work_dir = str(tiny_workspace / 'work_dirs' / 'hook')
-    cfg.custom_hooks = [dict(type='SBPHook', dense_warmup_iters=1, steps=[(3, 0.25)])]
-    # one-row grid cells: the 4-row base mask of the 64-pixel images (stride 16) keeps
-    # exactly 1 row in 1/r for any offset, so the kept fraction is the keep ratio exactly
+    # keep 0.3 at the last step: 1 row in 3 of the 4-row base mask of the 64-pixel images
+    # (stride 16), so what is kept (1 or 2 rows of 4) is not the keep ratio
+    cfg.custom_hooks = [dict(type='SBPHook', dense_warmup_iters=1, steps=[(3, 0.3)])]
+    # one-row grid cells: at keep 0.5 the base mask keeps 1 row in 2 for any offset
     cfg.model.backbone.sbp.grid_cell = 1
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.train_cfg.val_interval = 100
     runner = Runner.from_cfg(cfg)
+    drawn = _DrawnMasks()
+    runner.register_hook(drawn)
     runner.train()
     history = runner.message_hub.get_scalar('train/sbp/keep_ratio').data[0]
-    assert list(history) == [1.0, 0.5, 0.5, 0.25]
+    assert list(history) == [1.0, 0.5, 0.5, 0.3]
     logged = {key: list(runner.message_hub.get_scalar(key).data[0])
               for key in runner.message_hub.log_scalars if 'kept_fraction' in key}
     # every stride SBP ran at (the backbone's stages 1-3 and the FPN laterals), SBP
-    # iterations only, each the keep ratio in force
-    assert logged == {f'train/sbp/kept_fraction_s{s}': [0.5, 0.5, 0.25] for s in (4, 8, 16)}
+    # iterations only, each the fraction of rows the iteration's mask kept
+    assert drawn.kept[:2] == [0.5, 0.5] and drawn.kept[2] in (0.25, 0.5)
+    assert logged == {f'train/sbp/kept_fraction_s{s}': drawn.kept for s in (4, 8, 16)}
     backbone = runner.model.backbone
     assert backbone.mask_sampler.step == runner.iter  # last step drawn was iteration 3
 

@@ -15,8 +15,8 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
 from sbp_builders import build_detector, preprocessed_batch, resnet_pair, small_faster_rcnn_cfg
 from sbp_reference import (STRIDES, add_reference_hooks, assert_grad_close, assert_grads_match,
-                           assert_matches_reference, enabled_blocks, stride_from_height, total_loss,
-                           weight_masking_hook)
+                           assert_matches_reference, backward_both, enabled_blocks,
+                           stride_from_height, total_loss, weight_masking_hook)
 
 
 def assert_resnet_matches_reference(sbp, dense, x):
@@ -27,9 +27,7 @@ def assert_resnet_matches_reference(sbp, dense, x):
     assert iteration is not None
     add_reference_hooks(enabled_blocks(dense, sbp.sbp_blocks), iteration, x.shape[2])
     ref_outs = dense(x)
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     for o, r in zip(outs, ref_outs):
         torch.testing.assert_close(o, r)
     assert_grads_match(sbp, dense)
@@ -327,13 +325,14 @@ def test_faster_rcnn_config_saves_much_less_for_backward():
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from sbp_mmdet.benchmark import Variant, detector_batch
+    from sbp_mmdet.benchmark import detector_batch, variant_model
+    from sbp_mmdet.variants import parse_variant
     register_all_modules()
     cfg = Config.fromfile('configs/faster_rcnn_r50_sbp.py')
     saved = {}
     for name in ('dense', 'sbp@0.5', 'sbp@0.25', 'sbp@0.5+recompute'):
         torch.manual_seed(0)
-        model = MODELS.build(Variant.parse(name).apply(cfg.model))
+        model = MODELS.build(variant_model(cfg.model, parse_variant(name)))
         model.train()
         data = detector_batch(model, 2, 256, 384, num_classes=80)
         meter = SavedTensorMeter(model, {'backbone': model.backbone, 'neck': model.neck})

@@ -10,8 +10,8 @@ from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, Iden
                            LinearMix, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
 
 from sbp_builders import random_bn
-from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, compare, iteration,
-                           reference_program, run_three_ways)
+from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, backward_both, compare,
+                           iteration, reference_program, run_three_ways)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -275,9 +275,7 @@ def test_program_with_two_outputs_matches_the_reference(height, mask, recompute)
     it = iteration(MASKS[mask])
     outs = two_branch_program(modules)(x, it, 8, recompute=recompute)
     ref_outs = reference_program(two_branch_program(ref_modules), x_ref, it, 8)
-    grads = [torch.randn_like(o) for o in outs]
-    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
-    sum((o * g).sum() for o, g in zip(ref_outs, grads)).backward()
+    backward_both(outs, ref_outs)
     assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
     assert_grad_close(x.grad, x_ref.grad, 'input')
     for (name, p), (_, q) in zip(modules.named_parameters(), ref_modules.named_parameters()):

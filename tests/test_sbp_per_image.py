@@ -8,8 +8,8 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPIteration
 from sbp_builders import (basic, basic_program, bottleneck, bottleneck_program, build_detector,
                           faster_rcnn_cfg, fpn_output, fpn_program, preprocessed_batch,
                           small_faster_rcnn_cfg)
-from sbp_reference import (add_reference_hooks, assert_grads_match, assert_same, head_hooks,
-                           reference_program, reference_units, total_loss)
+from sbp_reference import (add_reference_hooks, assert_grads_match, assert_same, compare,
+                           head_hooks, reference_units, total_loss)
 
 # two images, each keeping 5 of 10 base rows, in different places
 PER_IMAGE = {
@@ -20,31 +20,13 @@ PER_IMAGE = {
 }
 
 
-def compare_per_image(build, program_of, x_shape, masks, stride=4, recompute=False,
-                      exact_input_grad=False):
-    torch.manual_seed(0)
-    modules = build()
-    ref_modules = build()
-    ref_modules.load_state_dict(modules.state_dict())
-    it = SBPIteration(torch.tensor(masks), base_stride=16)
-    assert it.per_image
-    x = torch.randn(*x_shape, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y = program_of(modules)(x, it, stride, recompute=recompute, exact_input_grad=exact_input_grad)
-    y_ref = reference_program(program_of(ref_modules), x_ref, it, stride, exact_input_grad)
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-    return modules, ref_modules, x, x_ref, y, y_ref
-
-
 @pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
 @pytest.mark.parametrize('masks', list(PER_IMAGE), ids=list(PER_IMAGE))
 @pytest.mark.parametrize('height', [32, 29, 1])
 def test_exact_input_grad_with_per_image_masks_matches_its_reference(recompute, masks, height):
-    assert_same(*compare_per_image(lambda: bottleneck(train=False), bottleneck_program,
-                                   (2, 16, height, 11), PER_IMAGE[masks], recompute=recompute,
-                                   exact_input_grad=True))
+    assert_same(*compare(lambda: bottleneck(train=False), bottleneck_program,
+                         (2, 16, height, 11), PER_IMAGE[masks], recompute=recompute,
+                         exact_input_grad=True))
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train_bn', 'eval_bn'])
@@ -52,21 +34,21 @@ def test_exact_input_grad_with_per_image_masks_matches_its_reference(recompute, 
 @pytest.mark.parametrize('masks', list(PER_IMAGE), ids=list(PER_IMAGE))
 @pytest.mark.parametrize('height', [32, 29, 3, 1])
 def test_bottleneck_with_per_image_masks_matches_the_reference(train, recompute, masks, height):
-    assert_same(*compare_per_image(lambda: bottleneck(train=train), bottleneck_program,
-                                   (2, 16, height, 11), PER_IMAGE[masks], recompute=recompute))
+    assert_same(*compare(lambda: bottleneck(train=train), bottleneck_program,
+                         (2, 16, height, 11), PER_IMAGE[masks], recompute=recompute))
 
 
 @pytest.mark.parametrize('recompute', [False, True], ids=['store', 'recompute'])
 @pytest.mark.parametrize('masks', list(PER_IMAGE), ids=list(PER_IMAGE))
 @pytest.mark.parametrize('height', [16, 13, 1])
 def test_basic_block_with_per_image_masks_matches_the_reference(recompute, masks, height):
-    assert_same(*compare_per_image(basic, basic_program, (2, 8, height, 7), PER_IMAGE[masks],
-                                   stride=8, recompute=recompute))
+    assert_same(*compare(basic, basic_program, (2, 8, height, 7), PER_IMAGE[masks],
+                         stride=8, recompute=recompute))
 
 
 @pytest.mark.parametrize('masks', list(PER_IMAGE), ids=list(PER_IMAGE))
 def test_conv_with_bias_and_per_image_masks_matches_the_reference(masks):
-    assert_same(*compare_per_image(fpn_output, fpn_program, (2, 8, 19, 9), PER_IMAGE[masks]))
+    assert_same(*compare(fpn_output, fpn_program, (2, 8, 19, 9), PER_IMAGE[masks]))
 
 
 @pytest.mark.parametrize('height', [64, 61, 33, 17, 1])

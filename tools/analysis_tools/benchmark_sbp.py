@@ -40,10 +40,12 @@ def parse_args(argv=None):
     from mmengine.config import DictAction
 
     from sbp_mmdet.benchmark import PARTS
+    from sbp_mmdet.variants import variant_argument
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='detector config (with ResNetSBP/FPNSBP)')
-    parser.add_argument('--variants', nargs='+', default=None,
-                        help='dense, with_cp, amp, sbp@R[+cp][+recompute][+amp][+exact]; '
+    parser.add_argument('--variants', nargs='+', default=None, type=variant_argument,
+                        help='variants to measure, e.g. dense sbp@0.5 sbp@0.5:recompute '
+                        'with_cp:amp (the grammar and its tokens: docs/usage.md#variants); '
                         f'default: {" ".join(CPU_VARIANTS)} (+ {" ".join(CUDA_EXTRA)} on CUDA)')
     parser.add_argument('--size', nargs=2, type=int, default=[800, 1344], metavar=('H', 'W'))
     parser.add_argument('--batch-size', type=int, default=2)
@@ -76,11 +78,12 @@ def _run_variant(args, name, queue, log_path):
     from mmengine.config import Config
 
     import sbp_mmdet  # noqa: F401  (registers the SBP modules)
-    from sbp_mmdet.benchmark import Variant, measure_variant
+    from sbp_mmdet.benchmark import measure_variant
+    from sbp_mmdet.variants import parse_variant
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    result = measure_variant(cfg, Variant.parse(name), args.batch_size, args.size[0],
+    result = measure_variant(cfg, parse_variant(name, cfg.model), args.batch_size, args.size[0],
                              args.size[1], args.steps, args.warmup, args.device,
                              on_step=lambda: queue.put('step'), part=args.part)
     if not args.steps:
@@ -97,10 +100,11 @@ RATIOS = {'saved_mib': 'saved_vs_dense', 'backward_median_s': 'backward_vs_dense
 def run_all(args) -> List[dict]:
     from mmengine.utils import ProgressBar
 
-    from sbp_mmdet.benchmark import Variant
+    from sbp_mmdet.benchmark import is_reference
+    from sbp_mmdet.variants import parse_variant
     names = args.variants or CPU_VARIANTS + (CUDA_EXTRA if args.device.startswith('cuda')
                                              else [])
-    variants = [Variant.parse(name) for name in names]
+    variants = [parse_variant(name) for name in names]
     log_dir = os.path.join(args.out_dir, 'logs')
     os.makedirs(log_dir, exist_ok=True)
     ctx = mp.get_context('spawn')
@@ -130,7 +134,7 @@ def run_all(args) -> List[dict]:
     sys.stdout.write('\n')
     for variant, row in zip(variants, rows):
         dense = next((r for v, r in zip(variants, rows)
-                      if v.is_dense and r['precision'] == row['precision']), None)
+                      if is_reference(v) and r['precision'] == row['precision']), None)
         for key, ratio in RATIOS.items():
             ref = dense and dense[key]
             row[ratio] = row[key] / ref if row[key] is not None and ref else None
@@ -195,14 +199,18 @@ def plot(rows: List[dict], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    sbp = sorted((float(r['variant'][4:]), r) for r in rows
-                 if r['variant'].startswith('sbp@') and '+' not in r['variant'])
+
+    from sbp_mmdet.variants import parse_variant
+    variants = [parse_variant(r['variant']) for r in rows]
+    # the SBP curve: plain sbp@R rows; the others are lines across it
+    curve = [v.sbp and not v.tokens for v in variants]
+    sbp = sorted((v.keep_ratio, r) for v, r, on in zip(variants, rows, curve) if on)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], 'saved_mib', 'saved for backward (MiB)'),
                            (axes[1], 'backward_median_s', 'backward time (s)')):
         ax.plot([k for k, _ in sbp], [r[key] for _, r in sbp], 'o-', label='SBP')
-        for r in rows:
-            if not r['variant'].startswith('sbp@') or '+' in r['variant']:
+        for r, on in zip(rows, curve):
+            if not on:
                 ax.axhline(r[key], linestyle='--', linewidth=1, label=r['variant'],
                            color=f"C{1 + rows.index(r) % 9}")
         ax.set_xlabel('keep ratio')

@@ -9,23 +9,11 @@ and a 95 % Student-t interval over the seeds both ran. Each run's
 ``result.json`` records its options, the config digest, the commit and the
 sha256 of the pretrained weights it loaded.
 
-Variants: ``dense``, ``sbp@R`` (keep ratio R), with optional ``:random`` (random instead
-of grid sampling), ``:stages=0110`` (which backbone stages use SBP), ``:cell=4`` (grid
-cell rows), ``:inverse_keep`` (gradients scaled by 1/keep ratio in backbone and neck),
-``:dense_neck`` (mmdet's ``FPN`` instead of ``FPNSBP``: SBP in the backbone only),
-``:neck=lateral`` / ``:neck=output`` / ``:neck=both`` (``FPNSBP``'s ``sbp.convs``: SBP
-on the lateral convs, the output convs or both, the others dense), ``:exact_output``
-(with ``:neck=both``: the output convs' SBP on their weight gradients only, their inputs
-get the exact gradient; ``sbp.exact_input_grad``), ``:exact`` (``sbp.exact_input_grad``
-in the backbone, the neck and an SBP head: SBP on the parameters' gradients only; needs
-``norm_eval=True``), ``:sbp_rpn_head`` and ``:sbp_retina_head``
-(``RPNHeadSBP``/``RetinaHeadSBP`` instead of the dense head: SBP in the head too),
-``:head_exact``, ``:head_inverse_keep`` and ``:head_dense_outputs`` (with an SBP head:
-``exact_input_grad``, gradients scaled by 1/keep ratio, or ``dense_outputs``: SBP on the
-tower only, in the head only), ``:per_image`` (one mask per image), ``:objects``
-(per-image masks keeping the rows that cover ground-truth boxes first; the config needs
-``SBPHook``) and ``:recompute`` (``sbp.recompute``: the same gradients at less memory,
-more backward time) suffixes, e.g. ``sbp@0.5:random``.
+Variants (``dense``, ``sbp@R`` and tokens, e.g. ``sbp@0.5:random``,
+``sbp@0.75:recompute:sbp_rpn_head``) follow the grammar of ``sbp_mmdet/variants.py``,
+documented with its token table in docs/usage.md (section "Variants"); each becomes the
+``--cfg-options`` of its runs. ``dense`` is keep ratio 1.0: the SBP modules' dense path,
+with the same modules and initial weights as the SBP variants.
 
 Example::
 
@@ -46,20 +34,17 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-NECK_CONVS = {'neck=lateral': '(lateral,)', 'neck=output': '(output,)',
-              'neck=both': '(lateral,output)'}
-HEAD_PARTS = {'sbp_rpn_head': 'rpn_head', 'sbp_retina_head': 'bbox_head'}
-HEAD_SETTINGS = {'head_exact': 'exact_input_grad=True',
-                 'head_inverse_keep': 'grad_scale=inverse_keep',
-                 'head_dense_outputs': 'dense_outputs=True'}
-HEAD_SUFFIXES = {'sbp_rpn_head': 'model.rpn_head.type=RPNHeadSBP',
-                 'sbp_retina_head': 'model.bbox_head.type=RetinaHeadSBP'}
+sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
+    from sbp_mmdet.variants import variant_argument
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='an SBP detector config (ResNetSBP/FPNSBP)')
-    parser.add_argument('--variants', nargs='+', default=['dense', 'sbp@0.5', 'sbp@0.25'])
+    parser.add_argument('--variants', nargs='+', default=['dense', 'sbp@0.5', 'sbp@0.25'],
+                        type=variant_argument,
+                        help='variants to train, e.g. dense sbp@0.5 sbp@0.5:neck=lateral '
+                        '(the grammar and its tokens: docs/usage.md#variants)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
     parser.add_argument('--iters', type=int, default=None,
                         help='override max_iters, stretching the LR schedule to it (use its '
@@ -82,60 +67,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def variant_options(name: str) -> List[str]:
-    """``--cfg-options`` that turn the SBP config into variant ``name``."""
-    head, *suffixes = name.split(':')
-    if head == 'dense':
-        if suffixes:
-            raise ValueError(f'variant {name!r}: dense takes no suffix')
-        # keep ratio 1.0 runs mmdet's dense forward and backward (the SBP modules'
-        # dense path) with the same modules and initial weights as the SBP variants
-        return ['model.backbone.sbp.keep_ratio=1.0']
-    if not head.startswith('sbp@'):
-        raise ValueError(f'unknown variant {name!r}: use dense or '
-                         'sbp@R[:random][:stages=0110][:cell=4][:inverse_keep][:dense_neck]'
-                         '[:neck=lateral|:neck=output|:neck=both][:exact_output|:exact]'
-                         '[:sbp_rpn_head|:sbp_retina_head][:head_exact][:head_inverse_keep]'
-                         '[:head_dense_outputs]'
-                         '[:per_image][:objects][:recompute]')
-    opts = [f'model.backbone.sbp.keep_ratio={float(head[4:])}']
-    for suffix in suffixes:
-        if suffix == 'random':
-            opts.append('model.backbone.sbp.sampling=random')
-        elif suffix.startswith('stages='):
-            flags = ','.join('True' if c == '1' else 'False' for c in suffix[7:])
-            opts.append(f'model.backbone.sbp.stages=({flags},)')
-        elif suffix.startswith('cell='):
-            opts.append(f'model.backbone.sbp.grid_cell={int(suffix[5:])}')
-        elif suffix == 'inverse_keep':  # in the SBP modules: not in a dense neck
-            parts = ('backbone',) if 'dense_neck' in suffixes else ('backbone', 'neck')
-            opts += [f'model.{part}.sbp.grad_scale=inverse_keep' for part in parts]
-        elif suffix == 'dense_neck':
-            opts.append('model.neck.type=FPN')
-        elif suffix in NECK_CONVS:
-            opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
-        elif suffix == 'exact_output':
-            opts.append('model.neck.sbp.overrides.output.exact_input_grad=True')
-        elif suffix == 'exact':
-            parts = ['backbone', 'neck'] + [HEAD_PARTS[s] for s in suffixes if s in HEAD_PARTS]
-            opts += [f'model.{part}.sbp.exact_input_grad=True' for part in parts]
-        elif suffix in HEAD_SUFFIXES:
-            opts.append(HEAD_SUFFIXES[suffix])
-        elif suffix in HEAD_SETTINGS:
-            heads = [HEAD_PARTS[s] for s in suffixes if s in HEAD_PARTS]
-            if not heads:
-                raise ValueError(f'variant {name!r}: :{suffix} needs an SBP head '
-                                 f'(:{" or :".join(HEAD_PARTS)})')
-            opts += [f'model.{part}.sbp.{HEAD_SETTINGS[suffix]}' for part in heads]
-        elif suffix == 'per_image':
-            opts.append('model.backbone.sbp.per_image=True')
-        elif suffix == 'objects':
-            opts += ['model.backbone.sbp.sampling=objects', 'model.backbone.sbp.per_image=True']
-        elif suffix == 'recompute':
-            opts.append('model.backbone.sbp.recompute=True')
-        else:
-            raise ValueError(f'unknown variant suffix {suffix!r} in {name!r}')
-    return opts
+def variant_options(name: str, config: Optional[str] = None) -> List[str]:
+    """``--cfg-options`` that turn the SBP config (its heads counted when ``config`` is
+    given) into variant ``name``."""
+    from sbp_mmdet.variants import parse_variant
+    return parse_variant(name, config_model(config) if config else None).cli_options()
+
+
+@lru_cache(maxsize=None)  # one config read per study
+def config_model(config: str) -> Dict:
+    """The ``model`` of ``config``."""
+    from mmengine.config import Config
+    return Config.fromfile(config).model.to_dict()
 
 
 def git_commit() -> str:
@@ -165,8 +108,8 @@ def run(cmd: List[str], log_file: str, threads: Optional[int] = None) -> None:
 def run_plan(args, variant: str, seed: int) -> Tuple[str, List[str]]:
     """The work dir and the ``--cfg-options`` of one run."""
     work = os.path.join(args.work_dir, f"{variant.replace(':', '_').replace('@', '')}_seed{seed}")
-    opts = variant_options(variant) + [f'randomness.seed={seed}',
-                                       'randomness.deterministic=False'] + args.cfg_options
+    opts = variant_options(variant, args.config) + [
+        f'randomness.seed={seed}', 'randomness.deterministic=False'] + args.cfg_options
     if args.iters:
         opts += list(schedule_options(args.config, args.iters))
     return work, opts
@@ -343,8 +286,6 @@ def format_table(rows: List[Dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    for variant in args.variants:
-        variant_options(variant)  # fail early on a bad name
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     runs, missing = [], []
     for i, (variant, seed) in enumerate(jobs, 1):

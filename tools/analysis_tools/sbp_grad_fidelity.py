@@ -3,7 +3,10 @@
 For each of ``--iters`` training batches of the config's train dataloader, at
 fixed weights (random init, or ``--checkpoint``), the parameter gradients at
 each keep ratio are compared with those of plain backprop (keep ratio 1.0) on
-the same batch, and the figures are averaged over batches.
+the same batch, and the figures are averaged over batches. ``--variants`` names the
+keep ratios and settings in the grammar of docs/usage.md (section "Variants"), e.g.
+``--variants sbp@0.25:neck=both sbp@0.5:neck=both``; ``--keep-ratios`` alone compares
+the config as it is.
 
 Example::
 
@@ -27,11 +30,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from sbp_mmdet.grad_fidelity import fidelity_variants
+    from sbp_mmdet.variants import variant_argument
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='a detector config with ResNetSBP/FPNSBP')
     parser.add_argument('--checkpoint', default=None,
                         help='weights to measure at (default: the config\'s initialisation)')
-    parser.add_argument('--keep-ratios', nargs='+', type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument('--keep-ratios', nargs='+', type=float, default=None,
+                        help='keep ratios to compare with dense (default: 0.25 0.5 0.75)')
+    parser.add_argument('--variants', nargs='+', type=variant_argument, default=None,
+                        help='instead of --keep-ratios: sbp@R variants that differ in keep '
+                        'ratio only, e.g. sbp@0.25:neck=both sbp@0.5:neck=both (the grammar '
+                        'and its tokens: docs/usage.md#variants)')
     parser.add_argument('--iters', type=int, default=8, help='batches to average over')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -45,6 +56,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error('--iters must be >= 1')
+    if args.variants and args.keep_ratios:
+        parser.error('give --variants or --keep-ratios, not both')
+    if args.variants:
+        try:
+            args.keep_ratios = fidelity_variants(args.variants)[0]
+        except ValueError as e:
+            parser.error(str(e))
+    args.keep_ratios = args.keep_ratios or [0.25, 0.5, 0.75]
     bad = [r for r in args.keep_ratios if not 0.0 < r < 1.0]
     if bad:
         parser.error(f'--keep-ratios must lie in (0, 1) (1.0 is the reference), got {bad}')
@@ -59,8 +78,11 @@ def build(args):
     from mmengine.runner import Runner, load_checkpoint
 
     import sbp_mmdet  # noqa: F401  (registers the SBP modules)
+    from sbp_mmdet.grad_fidelity import fidelity_variants
     from sbp_mmdet.utils.dataset_check import check_dataset
     cfg = Config.fromfile(args.config)
+    if args.variants:  # their options, the config's SBP heads counted
+        cfg.merge_from_dict(fidelity_variants(args.variants, cfg.model)[1])
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
@@ -138,7 +160,8 @@ def main(argv=None):
     print(table)
     os.makedirs(args.out_dir, exist_ok=True)
     meta = dict(config=args.config, checkpoint=args.checkpoint, iters=args.iters,
-                seed=args.seed, cfg_options=args.cfg_options and dict(args.cfg_options),
+                seed=args.seed, variants=args.variants,
+                cfg_options=args.cfg_options and dict(args.cfg_options),
                 torch=torch.__version__, date=time.strftime('%Y-%m-%d'))
     with open(os.path.join(args.out_dir, 'grad_fidelity.json'), 'w') as f:
         json.dump(dict(meta=meta, results={str(r): v for r, v in results.items()}), f,
