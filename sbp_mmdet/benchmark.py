@@ -126,6 +126,19 @@ class Variant:
         return cfg
 
 
+@dataclass(frozen=True)
+class ConfiguredVariant(Variant):
+    """The config's model as it is: for settings written as cfg-options (merged
+    into the config beforehand) rather than spelled by a ``Variant`` name, e.g.
+    the candidates of ``tools/analysis_tools/sbp_fit.py``. Only ``name`` and
+    ``amp`` apply; the backbone gets a random init, as in every variant."""
+
+    def apply(self, model_cfg: dict) -> dict:
+        cfg = copy.deepcopy(model_cfg)
+        cfg['backbone']['init_cfg'] = None  # random init: no weights are downloaded
+        return cfg
+
+
 @dataclass
 class Measurement:
     """What one variant measured.
