@@ -68,7 +68,7 @@ class Candidate:
         options: its cfg-options (``--cfg-options`` keys of ``tools/train.py``).
         sbp_heads: it also runs the config's heads as their SBP versions (with
             ``recompute='all'``, as the ``_heads`` configs); the study variant gets
-            ``:sbp_<head>`` appended.
+            the study's name of each head appended (``:sbp_rpn_head``).
     """
 
     name: str
@@ -95,6 +95,8 @@ CANDIDATES: Tuple[Candidate, ...] = (
 OPTIMIZER_STATES = {'SGD': lambda opt: 1 if opt.get('momentum', 0) else 0,
                     'Adam': lambda opt: 2, 'AdamW': lambda opt: 2}
 HEADS = ('rpn_head', 'bbox_head')
+# SBP head type -> how the accuracy study's variants name it
+STUDY_HEADS = {'RPNHeadSBP': 'sbp_rpn_head', 'RetinaHeadSBP': 'sbp_retina_head'}
 
 
 class FitError(ValueError):
@@ -170,7 +172,8 @@ def _sbp_heads() -> Dict[str, str]:
 
 
 def head_options(cfg) -> Tuple[Dict[str, object], List[str]]:
-    """The cfg-options that run the config's heads as their SBP versions, and the heads."""
+    """The cfg-options that run the config's heads as their SBP versions, and the study's
+    names of those heads."""
     from sbp_mmdet.models.sbp_types import type_name
     dense_to_sbp = {dense: sbp for sbp, dense in _sbp_heads().items()}
     options, heads = {}, []
@@ -179,7 +182,7 @@ def head_options(cfg) -> Tuple[Dict[str, object], List[str]]:
         if name in dense_to_sbp:
             options[f'model.{head}.type'] = dense_to_sbp[name]
             options[f'model.{head}.sbp'] = dict(recompute='all')
-            heads.append(head)
+            heads.append(STUDY_HEADS.get(dense_to_sbp[name], f'sbp_{head}'))
     return options, heads
 
 
@@ -191,7 +194,7 @@ def candidates_for(cfg) -> List[Candidate]:
         if not cand.sbp_heads:
             out.append(cand)
         elif heads:
-            study = cand.study + ''.join(f':sbp_{head}' for head in heads)
+            study = cand.study + ''.join(f':{head}' for head in heads)
             out.append(Candidate(cand.name, study, {**cand.options, **options}, True))
     return out
 
@@ -294,6 +297,8 @@ def rank_key(e: Estimate) -> tuple:
 
 
 def format_report(args, estimates: List[Estimate], info: dict) -> str:
+    import torch
+
     from sbp_mmdet.benchmark import device_name
     h, w = args.size
     precision = 'bf16 autocast (--amp)' if args.amp else 'fp32'
@@ -302,14 +307,15 @@ def format_report(args, estimates: List[Estimate], info: dict) -> str:
            f'measured at {sizes} and extrapolated in pixels (a + b * pixels)')
     lines = [f'{args.config}, batch {args.batch_size} x {h}x{w}, {precision}, budget '
              f'{args.budget_gib:g} GiB; bytes saved for backward {how} on the CPU '
-             f'({device_name("cpu")}), date {time.strftime("%Y-%m-%d")}',
+             f'({device_name("cpu")}, {torch.get_num_threads()} threads), torch '
+             f'{torch.__version__}, {time.strftime("%Y-%m-%d")}',
              '',
              f"model state {info['state_gib']:.2f} GiB: parameters and buffers "
              f"{info['parameters'] / GIB:.2f}, gradients {info['gradients'] / GIB:.2f}, "
              f"optimizer {info['optimizer'] / GIB:.2f} ({info['optimizer_states']} state "
              'tensor(s) per trainable parameter)',
-             f'mAP change: paired difference to dense in {args.accuracy} (Faster R-CNN R18-FPN '
-             'fine-tuning, 5 seeds, 1000 val images)',
+             f'mAP change: paired difference to dense in {_shown(args.accuracy)} '
+             '(Faster R-CNN R18-FPN fine-tuning)',
              '',
              '| rank | setting | fits | saved for backward MiB | total GiB | '
              'mAP vs dense (points) | backward GFLOP |',
@@ -325,6 +331,12 @@ def format_report(args, estimates: List[Estimate], info: dict) -> str:
               'the total leaves out the CUDA context, workspaces, transient tensors and '
               'fragmentation: keep a margin below the card\'s memory']
     return '\n'.join(lines)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository where it is inside it."""
+    relative = os.path.relpath(os.path.abspath(path), REPO)
+    return path if relative.startswith('..') else relative
 
 
 def _option(value) -> str:
@@ -399,7 +411,7 @@ def main(argv=None) -> List[Estimate]:
         with open(os.path.join(args.out_dir, 'fit.md'), 'w') as f:
             f.write(report + '\n')
         with open(os.path.join(args.out_dir, 'fit.json'), 'w') as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items()},
+            json.dump(dict(args=dict(vars(args), accuracy=_shown(args.accuracy)),
                            model_state=info, estimates=[asdict(e) for e in estimates]),
                       f, indent=2)
     if not estimates[0].fits:
