@@ -93,6 +93,14 @@ def variant_model(model_cfg: dict, variant: Variant) -> dict:
     return cfg
 
 
+def random_init(model_cfg: dict) -> dict:
+    """A copy of ``model_cfg`` whose backbone starts from a random init (no
+    weights are downloaded): the model as a config's own options set it."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg['backbone']['init_cfg'] = None
+    return cfg
+
+
 @dataclass
 class Measurement:
     """What one variant measured.
@@ -145,9 +153,14 @@ def model_components(model) -> Dict[str, torch.nn.Module]:
 
 def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
                     steps: int, warmup: int, device: str, seed: int = 0,
-                    on_step=None, part: str = 'detector') -> Measurement:
+                    on_step=None, part: str = 'detector',
+                    model_cfg: Optional[dict] = None) -> Measurement:
     """Build the detector as ``variant`` and measure saved bytes, backward FLOPs
     and step times.
+
+    ``model_cfg`` is the model to build instead of ``variant_model(config.model,
+    variant)``, for settings written as config options (``sbp_fit.py``'s
+    candidates); the variant then gives the name and the precision only.
 
     ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
     detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
@@ -159,7 +172,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     from mmdet.utils import register_all_modules
     register_all_modules()
     torch.manual_seed(seed)
-    model = MODELS.build(variant_model(config.model, variant)).to(device)
+    model = MODELS.build(model_cfg or variant_model(config.model, variant)).to(device)
     model.init_weights()
     model.train()
     num_classes = _num_classes(config.model)

@@ -162,15 +162,20 @@ def test_sbp_training_is_finite_and_the_loss_decreases(tiny_workspace, monkeypat
     assert sum(losses[-20:]) < 0.8 * sum(losses[:20])
 
 
-def test_hook_refuses_a_neck_that_disagrees_with_the_backbone_before_training(
-        tiny_workspace, monkeypatch):
+def test_a_misplaced_mask_key_or_own_mask_is_refused_before_training(tiny_workspace,
+                                                                     monkeypatch):
+    """A mask key on the neck fails when the runner builds the model; a neck told to draw
+    its own mask behind an SBP backbone builds, and SBPHook refuses it before training."""
     monkeypatch.chdir(tiny_workspace)
     cfg = Config.fromfile(str(TINY_SBP))
-    cfg.work_dir = str(tiny_workspace / 'work_dirs' / 'disagree')
-    cfg.model.neck.sbp = dict(keep_ratio=0.25)
+    cfg.work_dir = str(tiny_workspace / 'work_dirs' / 'misplaced')
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    cfg.model.neck.sbp = dict(keep_ratio=0.25)
+    with pytest.raises(ValueError, match='FPNSBP: sbp.keep_ratio is a mask setting'):
+        Runner.from_cfg(cfg)
+    cfg.model.neck.sbp = dict(own_mask=True)
     runner = Runner.from_cfg(cfg)
-    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the backbone'):
+    with pytest.raises(ValueError, match='FPNSBP: sbp.own_mask=True behind an SBP backbone'):
         runner.train()
     assert runner.iter == 0 and 'train/loss' not in runner.message_hub.log_scalars
 

@@ -134,17 +134,47 @@ def test_fpn_sbp_refuses_group_norm_naming_the_layer():
 @pytest.mark.parametrize('config', ['configs/faster_rcnn_r50_sbp.py',
                                     'configs/retinanet_r50_sbp.py',
                                     'configs/faster_rcnn_r50_sbp_heads.py',
-                                    'configs/retinanet_r50_sbp_heads.py'])
+                                    'configs/retinanet_r50_sbp_heads.py',
+                                    'configs/faster_rcnn_r50_sbp_lowmem.py'])
 def test_configs_build(config):
     from mmdet.registry import MODELS
     cfg = Config.fromfile(config)
     model = MODELS.build(cfg.model)
     assert isinstance(model.backbone, ResNetSBP) and isinstance(model.neck, FPNSBP)
     head = model.rpn_head if hasattr(model, 'rpn_head') else model.bbox_head
-    assert isinstance(head, (RPNHeadSBP, RetinaHeadSBP)) == config.endswith('_heads.py')
-    if config.endswith('_heads.py'):  # the towers recompute: they store their inputs alone
+    sbp_heads = config.endswith(('_heads.py', '_lowmem.py'))
+    assert isinstance(head, (RPNHeadSBP, RetinaHeadSBP)) == sbp_heads
+    if sbp_heads:  # the towers recompute: they store their inputs alone
         assert head.sbp_cfg.recompute == 'all'
+    if config.endswith('_lowmem.py'):  # SBP + with_cp: both keys, both FPN conv groups
+        assert model.backbone.with_cp and model.backbone.sbp_cfg.recompute is True
+        assert cfg.model.backbone.sbp.keep_ratio == 0.5
+        assert model.neck.sbp_conv_groups == ('lateral_convs', 'fpn_convs')
     assert model.backbone.sbp_blocks[1] == [True] * 4 and not any(model.backbone.sbp_blocks[3])
+
+
+def test_lowmem_config_trains_with_the_dense_forward():
+    """The lowest-memory composition (keep 0.5, with_cp + recompute, SBP neck output convs and
+    RPN head) computes in training the features and RPN outputs of mmdet's dense modules."""
+    from mmdet.registry import MODELS
+
+    from sbp_mmdet.benchmark import Variant
+    cfg = Config.fromfile('configs/faster_rcnn_r50_sbp_lowmem.py')
+    torch.manual_seed(0)
+    sbp = MODELS.build(Variant('lowmem', keep_ratio=0.5, with_cp=True,
+                               recompute=True).apply(cfg.model)).train()
+    dense = MODELS.build(Variant('dense').apply(cfg.model)).train()
+    dense.load_state_dict(sbp.state_dict())
+    assert isinstance(sbp.rpn_head, RPNHeadSBP) and not isinstance(dense.rpn_head, RPNHeadSBP)
+    images = torch.randn(2, 3, 128, 192, requires_grad=True)
+    feats, dense_feats = sbp.extract_feat(images), dense.extract_feat(images)
+    for ours, theirs in zip(feats, dense_feats):
+        torch.testing.assert_close(ours, theirs)
+    for ours, theirs in zip(sbp.rpn_head(feats), dense.rpn_head(dense_feats)):
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    sum(f.sum() for f in feats).backward()  # the composition's backward runs
+    assert images.grad is not None
 
 
 @pytest.mark.parametrize('shapes', [

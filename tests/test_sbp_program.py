@@ -192,8 +192,7 @@ def test_exact_input_grad_is_refused_for_train_mode_norms_and_other_tails():
     with pytest.raises(TypeError, match=r"conv1: exact input gradients need BatchNorm in eval "
                                         r"mode, and this one is in train mode: "
                                         r"use norm_eval=True"):
-        bottleneck_program(bottleneck(train=True))(
-            torch.randn(1, 16, 8, 8), iteration(MASKS['grid']), 4, exact_input_grad=True)
+        bottleneck_program(bottleneck(train=True)).check_modes(exact_input_grad=True)
     gelu = SBPProgram([conv_unit('conv', 'input', nn.Conv2d(4, 4, 3, 1, 1)).with_tail(
         RowLocal(nn.GELU()))])
     with pytest.raises(TypeError, match=r"block: exact input gradients need convolutions "

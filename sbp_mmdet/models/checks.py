@@ -43,7 +43,8 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
             try:
                 MODELS.build(copy.deepcopy(dict(module_cfg)))
             except (KeyError, TypeError, ValueError) as err:  # what the runner would raise
-                return str(err.args[0])
+                if 'required positional argument' not in str(err):  # a partial model config
+                    return str(err.args[0])
     return None
 
 
