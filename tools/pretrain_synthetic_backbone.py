@@ -15,9 +15,9 @@ directory, as for ``tools/train.py``: run it from the repository root.
 
 Example::
 
-    python tools/pretrain_synthetic_backbone.py      # ~15 min on one CPU thread
+    python tools/pretrain_synthetic_backbone.py      # ~12 min on one CPU thread
     python tools/train.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic-finetune.py \
-        --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/synthetic_r18_backbone.pth
+        --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/synthetic_r18-w16_backbone.pth
 """
 import argparse
 import os
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--config',
                         default='configs/synthetic/faster-rcnn_r18_fpn_synthetic-pretrain.py',
                         help='dense detector config that trains on the pretraining set')
-    parser.add_argument('--out', default='checkpoints/synthetic_r18_backbone.pth',
+    parser.add_argument('--out', default='checkpoints/synthetic_r18-w16_backbone.pth',
                         help='where the backbone weights go')
     parser.add_argument('--work-dir', default='work_dirs/pretrain_synthetic_backbone')
     parser.add_argument('--data-seed', type=int, default=7,

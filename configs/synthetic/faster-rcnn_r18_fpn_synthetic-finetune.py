@@ -7,7 +7,10 @@ _base_ = ['./_base_/faster-rcnn_r18_fpn_narrow.py', './_base_/synthetic_coco_fin
 
 model = dict(
     backbone=dict(
+        base_channels=16,  # the pretrained ResNet-18's quarter width (pretrain config)
         frozen_stages=1,
         norm_eval=True,
         init_cfg=dict(_delete_=True, type='Pretrained',
-                      checkpoint='configs/synthetic/weights/synthetic_r18_backbone-873cf56b.pth')))
+                      checkpoint='configs/synthetic/weights/'
+                      'synthetic_r18-w16_backbone-ccbf7f36.pth')),
+    neck=dict(in_channels=[16, 32, 64, 128]))

@@ -7,12 +7,14 @@ _base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py', './_base_/synthetic_coco_
 model = dict(
     backbone=dict(
         depth=18,
+        base_channels=16,  # the pretrained ResNet-18's quarter width (pretrain config)
         frozen_stages=1,
         norm_eval=True,
         init_cfg=dict(type='Pretrained',
-                      checkpoint='configs/synthetic/weights/synthetic_r18_backbone-873cf56b.pth')),
+                      checkpoint='configs/synthetic/weights/'
+                      'synthetic_r18-w16_backbone-ccbf7f36.pth')),
     # narrow, as the Faster R-CNN demo model: four shape classes, and a CPU
-    neck=dict(in_channels=[64, 128, 256, 512], out_channels=64),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=64),
     bbox_head=dict(in_channels=64, feat_channels=64,
                    num_classes=4))  # the synthetic set's shape classes
 
