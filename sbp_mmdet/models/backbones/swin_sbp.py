@@ -1,0 +1,211 @@
+"""mmdet's Swin Transformer with Stochastic Backpropagation."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch.utils.checkpoint as cp
+from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
+from mmdet.models.layers import PatchMerging
+from mmdet.registry import MODELS
+from torch import Tensor, nn
+
+from ...sbp import (Add, ChannelsLast, DropPath, IdentityMix, LinearMix, SBPBackboneMixin,
+                    SBPProgram, SBPState, UnfoldMix, Unit)
+from ...sbp.module import stage_switches
+from ...sbp.tracing import check_layer_not_traced
+
+HWShape = Tuple[int, int]
+
+
+def token_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+    """The ``(B, C, H, W)`` view of ``(B, H * W, C)`` tokens (no copy)."""
+    return x.view(x.shape[0], *hw_shape, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def map_tokens(x: Tensor) -> Tensor:
+    """The ``(B, H * W, C)`` tokens of a ``(B, C, H, W)`` map (a view of a
+    channels-last map)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+class _SBPTokenLayerMixin:
+    """Runs a token layer (``forward(x, hw_shape)`` on ``(B, H * W, C)``
+    tokens) with SBP while ``sbp_state`` is set (``sbp_forward``), else as its
+    parent class does. Its program runs on the ``(B, C, H, W)`` view of the
+    tokens, whose rows the mask keeps."""
+
+    sbp_state: Optional[SBPState] = None
+    sbp_where: str = ''
+    with_cp: bool = False
+
+    def sbp_program(self) -> SBPProgram:
+        raise NotImplementedError
+
+    def sbp_forward(self, x: Tensor, hw_shape: HWShape):
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, hw_shape: HWShape):
+        if self.sbp_state is None:
+            check_layer_not_traced(self)  # torch.fx would record the dense path
+            return super().forward(x, hw_shape)
+        return self.sbp_forward(x, hw_shape)
+
+
+def _no_dropout(module: nn.Module, where: str) -> None:
+    """Refuse an element-wise dropout that draws (its re-run on kept rows would
+    draw other numbers)."""
+    if isinstance(module, nn.Dropout) and module.p > 0:
+        raise TypeError(f'{where}: SBP does not support element-wise dropout (p={module.p}) '
+                        'in its units; set drop_rate=0 (mmdet\'s Swin configs do) or run the '
+                        'stage densely (sbp.stages)')
+
+
+class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
+    """``SwinBlock`` whose MLP branch runs with SBP; the attention branch
+    (``norm1``, shifted-window attention, DropPath, residual add) is dense
+    (mmdet's checkpointing with ``with_cp``).
+
+    The MLP branch is three SBP units on the token map: ``norm2`` (nothing
+    stored: re-run from the kept rows of its input), ``fc1`` and GELU, ``fc2``,
+    layer scale, DropPath and the residual add. It stores its input and the
+    outputs of ``fc1`` and ``fc2`` (the latter only under DropPath) at the
+    kept rows; with ``with_cp`` (``recompute``) its input alone.
+    """
+
+    def sbp_program(self) -> SBPProgram:
+        where, ffn = self.sbp_where, self.ffn
+        if ffn.num_fcs != 2 or not ffn.add_identity:
+            raise TypeError(f'{where}: SBP supports the FFN of two linear layers with its '
+                            'residual add (num_fcs=2, add_identity=True)')
+        (fc1, act, drop1), fc2, drop2 = ffn.layers
+        for drop in (drop1, drop2):
+            _no_dropout(drop, f'{where}.ffn')
+        tail = () if isinstance(ffn.gamma2, nn.Identity) else (ChannelsLast(ffn.gamma2),)
+        if getattr(ffn.dropout_layer, 'drop_prob', 0.0) > 0:
+            tail += (DropPath(ffn.dropout_layer),)
+        return SBPProgram([
+            Unit('norm2', 'input', IdentityMix(), (ChannelsLast(self.norm2),)),
+            Unit('fc1', 'norm2', LinearMix(fc1, where=f'{where}.ffn.layers.0.0'),
+                 (ChannelsLast(act),)),
+            Unit('fc2', 'fc1', LinearMix(fc2, where=f'{where}.ffn.layers.1'),
+                 tail + (Add('input'),)),
+        ], where=where)
+
+    def sbp_forward(self, x: Tensor, hw_shape: HWShape) -> Tensor:
+        def attention(x: Tensor) -> Tensor:
+            return self.attn(self.norm1(x), hw_shape) + x  # as SwinBlock: attn(x) + identity
+
+        if self.with_cp and x.requires_grad:
+            x = cp.checkpoint(attention, x, use_reentrant=True)  # mmdet's default mode
+        else:
+            x = attention(x)
+        out = self.sbp_state.run(self.sbp_program(), token_map(x, hw_shape),
+                                 recompute=self.with_cp)
+        return map_tokens(out)
+
+
+class SBPPatchMerging(_SBPTokenLayerMixin, PatchMerging):
+    """``PatchMerging`` (2x2 patches, stride 2, corner padding) as two SBP
+    units: the 2x2 unfold and LayerNorm, the reduction ``Linear``. It stores
+    its input's rows under the kept output rows (two per kept row) and nothing
+    else: backward re-runs the unfold and the norm from them (dense, it stores
+    the norm's input and output, twice the input)."""
+
+    def sbp_program(self) -> SBPProgram:
+        where, sampler = self.sbp_where, self.sampler
+        if (sampler.kernel_size, sampler.stride, sampler.dilation, sampler.padding) != (
+                (2, 2), (2, 2), (1, 1), (0, 0)) or (
+                self.adap_padding is not None and self.adap_padding.padding != 'corner'):
+            raise TypeError(f'{where}: SBP supports 2x2 patch merging with stride 2 and corner '
+                            "padding (mmdet's Swin); set sbp.downsample=False for others")
+        tail = (ChannelsLast(self.norm),) if self.norm is not None else ()
+        return SBPProgram([
+            Unit('sampler', 'input', UnfoldMix(2), tail),
+            Unit('reduction', 'sampler', LinearMix(self.reduction, where=f'{where}.reduction')),
+        ], where=where)
+
+    def sbp_forward(self, x: Tensor, hw_shape: HWShape) -> Tuple[Tensor, HWShape]:
+        x = token_map(x, hw_shape)
+        if self.adap_padding is not None:  # pads bottom and right to even sizes
+            x = self.adap_padding(x)
+        out = self.sbp_state.run(self.sbp_program(), x)
+        return map_tokens(out), tuple(out.shape[2:])
+
+
+@MODELS.register_module()
+class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
+    """mmdet's Swin Transformer whose blocks train with Stochastic Backpropagation.
+
+    A drop-in replacement for mmdet's ``SwinTransformer`` (swap
+    ``type='SwinTransformer'`` for ``type='SwinTransformerSBP'``): same
+    arguments, same ``state_dict`` keys (mmdet's Swin checkpoints load),
+    identical outputs (bit for bit, with the same random DropPath draws). In
+    training, the chosen stages compute the gradients of their blocks' MLP
+    branches on the kept rows of the stage's ``(H, W)`` token grid only
+    (``SBPSwinBlock``; the attention branch stays dense), and the patch
+    merging layers in front of SBP stages run as SBP units
+    (``SBPPatchMerging``). The mask is the detector's base mask, at each
+    stage's stride. SBP is off in eval mode and under ``torch.no_grad()``.
+    The modules keep their parameters and ``state_dict`` keys; only their
+    class is swapped for an SBP subclass.
+
+    Args:
+        sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
+            ``sampling``, ``per_image``, ``grid_cell``, ``grad_scale``,
+            ``recompute`` (as ``ResNetSBP``), ``stages`` (Sequence[bool]) or
+            ``blocks`` (Sequence[Sequence[bool]]): SBP per stage or per block
+            (default: every stage but the last, skipping frozen stages, the
+            paper's practice), and ``downsample`` (bool, default True): run
+            the patch merging in front of an SBP stage with SBP.
+            ``exact_input_grad`` is refused (no BatchNorm convolutions).
+        *args, **kwargs: the arguments of mmdet's ``SwinTransformer``,
+            positional ones in its order (``sbp`` is keyword-only);
+            ``drop_rate`` must be 0 where SBP is on (element-wise dropout).
+
+    Raises:
+        ValueError: for a bad ``sbp`` value. KeyError: for an unknown key.
+        TypeError: for layers SBP cannot run (dropout, other patch merging),
+            naming the layer.
+    """
+
+    sbp_extra_keys = ('stages', 'blocks', 'downsample')
+
+    def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        extra = self.init_sbp(sbp, self.sbp_extra_keys)
+        patch_stride = self.patch_embed.projection.stride[0]
+        self.stage_strides = [patch_stride]
+        for stage in self.stages[:-1]:
+            self.stage_strides.append(self.stage_strides[-1] * stage.downsample.sampler.stride[0])
+        depths = [len(stage.blocks) for stage in self.stages]
+        self.sbp_blocks = stage_switches(self.sbp_name, depths, self.frozen_stages,
+                                         extra.get('stages'), extra.get('blocks'))
+        self.sbp_downsample = extra.get('downsample', True)
+        if not isinstance(self.sbp_downsample, bool):
+            raise ValueError(f'{self.sbp_name}: sbp.downsample must be True or False, '
+                             f'got {self.sbp_downsample!r}')
+        self._make_sbp_layers()
+        self.sbp_layer_inputs = self._sbp_layer_inputs()
+        self.sbp_check_layers()
+        sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
+        self.sbp_base_stride = max(sbp_strides, default=patch_stride)
+
+    def _make_sbp_layers(self) -> None:
+        """Give the blocks and patch merging layers their SBP classes (same
+        modules and parameters: only the forward changes)."""
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage.blocks):
+                block.__class__ = SBPSwinBlock
+                block.sbp_where = f'{self.sbp_name}.stages.{i}.blocks.{j}'
+            if stage.downsample is not None:
+                stage.downsample.__class__ = SBPPatchMerging
+                stage.downsample.sbp_where = f'{self.sbp_name}.stages.{i}.downsample'
+
+    def _sbp_layer_inputs(self) -> List[Tuple[nn.Module, int]]:
+        """``(layer, input stride)`` of the layers that run with SBP."""
+        layers = []
+        for i, switches in enumerate(self.sbp_blocks):
+            layers += [(block, self.stage_strides[i])
+                       for block, on in zip(self.stages[i].blocks, switches) if on]
+            # the patch merging in front of stage i ends stage i - 1 (frozen with it)
+            if self.sbp_downsample and switches[0] and i > max(self.frozen_stages, 0):
+                layers.append((self.stages[i - 1].downsample, self.stage_strides[i - 1]))
+        return layers
