@@ -104,8 +104,9 @@ def assert_swin_matches_reference(model, dense, x, seed=0):
 
 # sizes: a multiple of the window at every stage, odd sizes that pad windows and merging
 @pytest.mark.parametrize('size', [(112, 112), (93, 77), (61, 130)])
-@pytest.mark.parametrize('sbp', [dict(), dict(per_image=True), dict(downsample=False)],
-                         ids=['shared', 'per_image', 'no_downsample'])
+@pytest.mark.parametrize('sbp', [dict(), dict(per_image=True), dict(downsample=False),
+                                 dict(attention=False)],
+                         ids=['shared', 'per_image', 'no_downsample', 'dense_attention'])
 def test_forward_is_swin_and_gradients_equal_the_reference(size, sbp):
     model, dense = swin_pair(sbp)
     assert_swin_matches_reference(model, dense, torch.rand(2, 3, *size))
@@ -119,8 +120,12 @@ def test_forward_is_swin_and_gradients_equal_the_reference(size, sbp):
     dict(with_cp=True),  # the attention branch checkpointed, the MLP recomputed on kept rows
     dict(frozen_stages=1, sbp=dict(stages=[False, True, True, False])),
     dict(drop_path_rate=0.0, patch_norm=False),
+    dict(with_cp=True, sbp=dict(attention=False)),
+    dict(sbp=dict(recompute=True)),
     dict(sbp=dict(blocks=[[True, False], [False, True], [True, True], [False, False]])),
-], ids=['with_cp', 'frozen', 'no_droppath_no_patch_norm', 'blocks'])
+    dict(qkv_bias=False, window_size=4),
+], ids=['with_cp', 'frozen', 'no_droppath_no_patch_norm', 'with_cp_dense_attention',
+        'recompute', 'blocks', 'no_qkv_bias_window_4'])
 def test_variants_equal_the_reference(kwargs):
     model, dense = swin_pair(**kwargs)
     assert_swin_matches_reference(model, dense, torch.rand(2, 3, 93, 77))
@@ -210,21 +215,25 @@ def saved_bytes(model, x):
     return meter.by_component['backbone']
 
 
-@pytest.mark.parametrize('sbp', [dict(), dict(downsample=False)], ids=['all', 'blocks'])
-def test_sbp_saves_memory_and_the_patch_merging_adds_to_it(sbp):
+def test_each_sbp_part_saves_memory():
+    """The MLP branches, then the patch merging, then the attention branches
+    each lower the bytes saved for backward."""
     x = torch.rand(2, 3, 224, 224)
-    dense = saved_bytes(swin_pair(dict(keep_ratio=1.0))[0], x)
-    blocks = saved_bytes(swin_pair(dict(downsample=False))[0], x)
-    assert blocks < 0.9 * dense
-    if not sbp:
-        assert saved_bytes(swin_pair()[0], x) < blocks
+    saved = [saved_bytes(swin_pair(sbp)[0], x) for sbp in (
+        dict(keep_ratio=1.0), dict(downsample=False, attention=False), dict(attention=False),
+        dict())]
+    assert saved[1] < 0.9 * saved[0]
+    assert saved[3] < saved[2] < saved[1]
 
 
-def test_with_cp_saves_memory_on_sbp_blocks_too():
+def test_with_cp_stores_no_more_than_mmdets_checkpointing():
+    """SBP blocks with ``with_cp`` store their input alone, as mmdet's
+    checkpointing does; SBP's patch merging stores less than the dense one."""
     x = torch.rand(2, 3, 224, 224)
     sbp = saved_bytes(swin_pair()[0], x)
     both = saved_bytes(swin_pair(with_cp=True)[0], x)
-    assert both < sbp
+    checkpointing = saved_bytes(swin_pair(dict(keep_ratio=1.0), with_cp=True)[0], x)
+    assert both < checkpointing and both < sbp
 
 
 def test_dropout_in_sbp_blocks_is_refused_naming_the_block():
@@ -232,6 +241,7 @@ def test_dropout_in_sbp_blocks_is_refused_naming_the_block():
                                         r'does not support element-wise dropout'):
         SwinTransformerSBP(**dict(TINY, drop_rate=0.1))
     SwinTransformerSBP(**dict(TINY, drop_rate=0.1), sbp=dict(stages=[False] * 4))
+    SwinTransformerSBP(**dict(TINY, attn_drop_rate=0.1), sbp=dict(attention=False))
 
 
 @pytest.mark.parametrize('kwargs, error', [
@@ -239,6 +249,8 @@ def test_dropout_in_sbp_blocks_is_refused_naming_the_block():
     (dict(sbp=dict(stages=[True, True, True, False]), frozen_stages=1),
      r'frozen stage\(s\) \[0\]'),
     (dict(sbp=dict(downsample='yes')), 'sbp.downsample must be True or False'),
+    (dict(sbp=dict(attention=1)), 'sbp.attention must be True or False'),
+    (dict(attn_drop_rate=0.1), r'stages\.0\.blocks\.0\.attn: SBP does not support element-wise'),
     (dict(sbp=dict(exact_input_grad=True)), r'SwinTransformerSBP\.stages\.0\.blocks\.0: exact '
                                             'input gradients need convolutions'),
 ])

@@ -1,8 +1,10 @@
 """mmdet's Swin Transformer with Stochastic Backpropagation."""
-from typing import List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
 
+import torch
 import torch.utils.checkpoint as cp
-from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
+from mmdet.models.backbones.swin import ShiftWindowMSA, SwinBlock, SwinTransformer, WindowMSA
 from mmdet.models.layers import PatchMerging
 from mmdet.registry import MODELS
 from torch import Tensor, nn
@@ -58,6 +60,122 @@ def _no_dropout(module: nn.Module, where: str) -> None:
                         'stage densely (sbp.stages)')
 
 
+class _KeptQueryAttention(torch.autograd.Function):
+    """``WindowMSA`` (QKV projection, window attention, output projection)
+    whose backward reads the output gradient at the kept queries only.
+
+    Forward is mmdet's ``WindowMSA.forward`` itself (its intermediates read by
+    forward hooks). It stores the input windows and the keys and values in
+    full (every query of a window reads them), the queries, the attention
+    probabilities and the output projection's input at the kept queries only.
+    The gradient it gives is exact where the output gradient at dropped
+    queries is zero, as in an SBP block, whose MLP units pass no gradient to
+    dropped rows.
+    """
+
+    @staticmethod
+    def forward(ctx, msa: WindowMSA, keep: Tensor, mask: Optional[Tensor], x: Tensor,
+                *params: Optional[Tensor]) -> Tensor:
+        seen = {}
+        hooks = [msa.qkv.register_forward_hook(lambda m, a, out: seen.update(qkv=out)),
+                 msa.softmax.register_forward_hook(lambda m, a, out: seen.update(probs=out)),
+                 msa.proj.register_forward_hook(lambda m, a, out: seen.update(heads=a[0]))]
+        try:
+            out = WindowMSA.forward(msa, x, mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        windows, tokens, channels = x.shape
+        qkv = seen['qkv'].view(windows * tokens, 3, channels)
+        kept = torch.nonzero(keep.flatten()).flatten().to(x.device)
+        probs = seen['probs'].transpose(1, 2).reshape(windows * tokens, msa.num_heads, tokens)
+        ctx.msa, ctx.kept, ctx.shape, ctx.input_dtype = msa, kept, x.shape, x.dtype
+        ctx.save_for_backward(x, qkv[:, 1:].contiguous(), qkv[kept, 0], probs[kept],
+                              seen['heads'].reshape(windows * tokens, channels)[kept])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        msa, kept, (windows, tokens, channels) = ctx.msa, ctx.kept, ctx.shape
+        # in fp32 at least (under autocast, the stored rows are half precision)
+        dtype = torch.promote_types(ctx.saved_tensors[1].dtype, torch.float32)
+        x, kv, q, probs, heads = (t.to(dtype) for t in ctx.saved_tensors)
+        heads_num = msa.num_heads
+        dim = channels // heads_num
+
+        def full(rows: Tensor, shape: Sequence[int]) -> Tensor:
+            """``rows`` at the kept tokens, zero at the others, as ``shape``."""
+            out = rows.new_zeros(windows * tokens, *rows.shape[1:])
+            return out.index_copy_(0, kept, rows).view(*shape)
+
+        grad = grad_out.reshape(-1, channels)[kept].to(dtype)
+        proj_w = msa.proj.weight
+        grad_proj_w = grad.t().mm(heads).to(proj_w.dtype)
+        grad_proj_b = None if msa.proj.bias is None else grad.sum(0).to(proj_w.dtype)
+        grad_heads = full(grad.mm(proj_w.to(dtype)), (windows, tokens, heads_num, dim))
+        grad_heads = grad_heads.transpose(1, 2)  # (B', h, N, d)
+        probs = full(probs, (windows, tokens, heads_num, tokens)).transpose(1, 2)
+        q = full(q, (windows, tokens, heads_num, dim)).transpose(1, 2) * msa.scale
+        k, v = kv.view(windows, tokens, 2, heads_num, dim).permute(2, 0, 3, 1, 4)
+        grad_v = probs.transpose(-2, -1) @ grad_heads
+        grad_probs = grad_heads @ v.transpose(-2, -1)
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_q = (grad_scores @ k) * msa.scale
+        grad_k = grad_scores.transpose(-2, -1) @ q
+        table = msa.relative_position_bias_table
+        grad_table = torch.zeros_like(table, dtype=dtype).index_add_(
+            0, msa.relative_position_index.view(-1),
+            grad_scores.sum(0).permute(1, 2, 0).reshape(-1, heads_num)).to(table.dtype)
+        grad_qkv = torch.stack([grad_q, grad_k, grad_v]).permute(1, 3, 0, 2, 4)
+        grad_qkv = grad_qkv.reshape(windows * tokens, 3 * channels)
+        qkv_w = msa.qkv.weight
+        grad_x = grad_qkv.mm(qkv_w.to(dtype)).view(ctx.shape).to(ctx.input_dtype)
+        grad_qkv_w = grad_qkv.t().mm(x.reshape(-1, channels)).to(qkv_w.dtype)
+        grad_qkv_b = None if msa.qkv.bias is None else grad_qkv.sum(0).to(qkv_w.dtype)
+        return (None, None, None, grad_x, grad_qkv_w, grad_qkv_b, grad_table, grad_proj_w,
+                grad_proj_b)
+
+
+class SBPWindowMSA(WindowMSA):
+    """``WindowMSA`` that, while ``sbp_keep`` (the kept queries, ``(B', N)``
+    in window layout) is set, runs as ``_KeptQueryAttention``."""
+
+    sbp_keep: Optional[Tensor] = None
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if self.sbp_keep is None:
+            return super().forward(x, mask)
+        return _KeptQueryAttention.apply(self, self.sbp_keep, mask, x, self.qkv.weight,
+                                         self.qkv.bias, self.relative_position_bias_table,
+                                         self.proj.weight, self.proj.bias)
+
+
+def window_keep(attn: ShiftWindowMSA, rows: Tensor, batch: int, hw_shape: HWShape) -> Tensor:
+    """The kept tokens of a ``(H, W)`` grid whose kept rows are ``rows``
+    (``(R,)`` or ``(B, R)``), in ``attn``'s window layout ``(B * nW, N)``: padded
+    and shifted as its queries are (padding is never kept)."""
+    height, width = hw_shape
+    size = attn.window_size
+    keep = torch.zeros(batch, height + (-height) % size, width + (-width) % size, 1,
+                       dtype=torch.bool)
+    rows = rows.expand(batch, -1) if rows.dim() == 1 else rows
+    keep[:, :height, :width] = torch.zeros(batch, height, dtype=torch.bool).scatter_(
+        1, rows, True)[:, :, None, None]
+    if attn.shift_size > 0:
+        keep = torch.roll(keep, shifts=(-attn.shift_size, -attn.shift_size), dims=(1, 2))
+    return attn.window_partition(keep).view(-1, size * size)
+
+
+@contextmanager
+def _kept_queries(msa: SBPWindowMSA, keep: Optional[Tensor]) -> Iterator[None]:
+    """Run ``msa`` on the kept queries ``keep`` (None: densely) while inside."""
+    msa.sbp_keep = keep
+    try:
+        yield
+    finally:
+        msa.sbp_keep = None
+
+
 class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
     """``SwinBlock`` whose MLP branch runs with SBP; the attention branch
     (``norm1``, shifted-window attention, DropPath, residual add) is dense
@@ -67,8 +185,18 @@ class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
     stored: re-run from the kept rows of its input), ``fc1`` and GELU, ``fc2``,
     layer scale, DropPath and the residual add. It stores its input and the
     outputs of ``fc1`` and ``fc2`` (the latter only under DropPath) at the
-    kept rows; with ``with_cp`` (``recompute``) its input alone.
+    kept rows. With ``with_cp`` or ``sbp.recompute`` the block stores its
+    input alone, as mmdet's checkpointing does, and re-runs in backward (the
+    MLP's backward on the kept rows).
+
+    With ``sbp_attention``, the window attention stores its queries,
+    attention probabilities and output projection input at the kept rows only
+    (``_KeptQueryAttention``): the MLP units pass no gradient to dropped rows,
+    so dropped queries get none either, and the gradients are those of the
+    dense attention.
     """
+
+    sbp_attention: bool = False
 
     def sbp_program(self) -> SBPProgram:
         where, ffn = self.sbp_where, self.ffn
@@ -90,16 +218,20 @@ class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
         ], where=where)
 
     def sbp_forward(self, x: Tensor, hw_shape: HWShape) -> Tensor:
-        def attention(x: Tensor) -> Tensor:
-            return self.attn(self.norm1(x), hw_shape) + x  # as SwinBlock: attn(x) + identity
+        state, program = self.sbp_state, self.sbp_program()
+        keep = None
+        if self.sbp_attention:
+            rows = state.iteration.kept_rows(state.stride, hw_shape[0])
+            keep = window_keep(self.attn, rows, x.shape[0], hw_shape)
 
-        if self.with_cp and x.requires_grad:
-            x = cp.checkpoint(attention, x, use_reentrant=True)  # mmdet's default mode
-        else:
-            x = attention(x)
-        out = self.sbp_state.run(self.sbp_program(), token_map(x, hw_shape),
-                                 recompute=self.with_cp)
-        return map_tokens(out)
+        def block(x: Tensor) -> Tensor:  # also re-run by checkpointing, once sbp_state is unset
+            with _kept_queries(self.attn.w_msa, keep):
+                x = self.attn(self.norm1(x), hw_shape) + x  # as SwinBlock: attn + identity
+            return map_tokens(state.run(program, token_map(x, hw_shape)))
+
+        if (self.with_cp or state.cfg.recompute) and x.requires_grad:
+            return cp.checkpoint(block, x, use_reentrant=True)  # mmdet's checkpointing mode
+        return block(x)
 
 
 class SBPPatchMerging(_SBPTokenLayerMixin, PatchMerging):
@@ -166,7 +298,7 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
             naming the layer.
     """
 
-    sbp_extra_keys = ('stages', 'blocks', 'downsample')
+    sbp_extra_keys = ('stages', 'blocks', 'downsample', 'attention')
 
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -182,6 +314,10 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
         if not isinstance(self.sbp_downsample, bool):
             raise ValueError(f'{self.sbp_name}: sbp.downsample must be True or False, '
                              f'got {self.sbp_downsample!r}')
+        self.sbp_attention = extra.get('attention', True)
+        if not isinstance(self.sbp_attention, bool):
+            raise ValueError(f'{self.sbp_name}: sbp.attention must be True or False, '
+                             f'got {self.sbp_attention!r}')
         self._make_sbp_layers()
         self.sbp_layer_inputs = self._sbp_layer_inputs()
         self.sbp_check_layers()
@@ -194,6 +330,7 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
         for i, stage in enumerate(self.stages):
             for j, block in enumerate(stage.blocks):
                 block.__class__ = SBPSwinBlock
+                block.attn.w_msa.__class__ = SBPWindowMSA
                 block.sbp_where = f'{self.sbp_name}.stages.{i}.blocks.{j}'
             if stage.downsample is not None:
                 stage.downsample.__class__ = SBPPatchMerging
@@ -203,8 +340,12 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
         """``(layer, input stride)`` of the layers that run with SBP."""
         layers = []
         for i, switches in enumerate(self.sbp_blocks):
-            layers += [(block, self.stage_strides[i])
-                       for block, on in zip(self.stages[i].blocks, switches) if on]
+            for block, on in zip(self.stages[i].blocks, switches):
+                if on:
+                    layers.append((block, self.stage_strides[i]))
+                    block.sbp_attention = self.sbp_attention
+                    if self.sbp_attention:
+                        _no_dropout(block.attn.w_msa.attn_drop, f'{block.sbp_where}.attn')
             # the patch merging in front of stage i ends stage i - 1 (frozen with it)
             if self.sbp_downsample and switches[0] and i > max(self.frozen_stages, 0):
                 layers.append((self.stages[i - 1].downsample, self.stage_strides[i - 1]))
