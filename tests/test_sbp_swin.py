@@ -1,17 +1,22 @@
 """SwinTransformerSBP: drop-in for mmdet's SwinTransformer, exact forward, reference gradients."""
 import math
 import pickle
+from pathlib import Path
 
+import mmdet
 import pytest
 import torch
 from mmdet.models.backbones import SwinTransformer
+from mmengine.config import Config
 from torch import Tensor
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.models import SwinTransformerSBP
+from sbp_mmdet.benchmark import Variant
+from sbp_mmdet.models import FPNSBP, SwinTransformerSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 
-from sbp_reference import assert_grads_match, masked, row_mask
+from sbp_builders import REPO
+from sbp_reference import assert_grads_match, masked, row_mask, total_loss
 
 TINY = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
             drop_path_rate=0.3)
@@ -257,3 +262,69 @@ def test_dropout_in_sbp_blocks_is_refused_naming_the_block():
 def test_bad_configs_are_refused_clearly(kwargs, error):
     with pytest.raises((KeyError, TypeError, ValueError), match=error):
         SwinTransformerSBP(**dict(TINY, **kwargs))
+
+
+# ---------------------------------------------------------------- the configs
+
+MMDET_CONFIGS = Path(mmdet.__file__).parent / '.mim' / 'configs'
+CONFIGS = {'mask_rcnn': ('mask_rcnn_swin-t_sbp.py', 'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
+           'retinanet': ('retinanet_swin-t_sbp.py', 'retinanet_swin-t-p4-w7_fpn_1x_coco.py')}
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_configs_swap_only_the_sbp_keys_of_mmdets_swin_configs(name):
+    ours, base = CONFIGS[name]
+    cfg = Config.fromfile(str(REPO / 'configs' / ours))
+    mmdet = Config.fromfile(str(MMDET_CONFIGS / 'swin' / base))
+    assert cfg.model.backbone.type == 'SwinTransformerSBP' and cfg.model.neck.type == 'FPNSBP'
+    for part in ('backbone', 'neck'):
+        ours_part = {k: v for k, v in cfg.model[part].items() if k not in ('type', 'sbp')}
+        assert ours_part == {k: v for k, v in mmdet.model[part].items() if k != 'type'}
+    assert cfg.custom_hooks == [dict(type='SBPHook')]
+    for key in ('roi_head', 'rpn_head', 'bbox_head', 'train_cfg', 'test_cfg'):
+        assert cfg.model.get(key) == mmdet.model.get(key)
+    assert {k: v for k, v in cfg.optim_wrapper.items() if k != '_scope_'} == mmdet.optim_wrapper
+
+
+def tiny_detector_cfg(name: str, sbp: bool) -> dict:
+    """The config's detector on a tiny Swin; without SBP, mmdet's types."""
+    cfg = Config.fromfile(str(REPO / 'configs' / CONFIGS[name][0])).model
+    cfg = Variant.parse('sbp@0.5' if sbp else 'dense').apply(cfg)
+    cfg.backbone.update(TINY)
+    channels = [32 * 2**i for i in range(4)]
+    cfg.neck.update(in_channels=[channels[i] for i in cfg.backbone.out_indices], out_channels=16)
+    if name == 'mask_rcnn':
+        cfg.rpn_head.update(in_channels=16, feat_channels=16)
+        cfg.roi_head.bbox_roi_extractor.update(out_channels=16)
+        cfg.roi_head.bbox_head.update(in_channels=16, fc_out_channels=32, num_classes=3)
+        cfg.roi_head.mask_roi_extractor.update(out_channels=16)
+        cfg.roi_head.mask_head.update(in_channels=16, conv_out_channels=16, num_classes=3)
+    else:
+        cfg.bbox_head.update(in_channels=16, feat_channels=16, num_classes=3)
+    return cfg
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_detectors_train_and_their_first_loss_equals_dense(name):
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    models = []
+    for sbp in (True, False):
+        torch.manual_seed(0)
+        models.append(MODELS.build(tiny_detector_cfg(name, sbp)))
+        models[-1].train()
+    model, dense = models
+    dense.load_state_dict(model.state_dict())
+    assert isinstance(model.backbone, SwinTransformerSBP) and isinstance(model.neck, FPNSBP)
+    torch.manual_seed(0)
+    packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 96, 128)] * 2, num_items=[4, 4],
+                            num_classes=3, with_mask=name == 'mask_rcnn')
+    data = model.data_preprocessor(packed, True)
+    loss = total_loss(model, data)
+    torch.testing.assert_close(loss, total_loss(dense, data))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert model.backbone.sbp_iteration.keep_ratio == 0.5
+    assert torch.isfinite(total_loss(model, data))

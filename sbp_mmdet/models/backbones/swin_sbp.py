@@ -51,13 +51,13 @@ class _SBPTokenLayerMixin:
         return self.sbp_forward(x, hw_shape)
 
 
-def _no_dropout(module: nn.Module, where: str) -> None:
+def _no_dropout(module: nn.Module, where: str, rate: str) -> None:
     """Refuse an element-wise dropout that draws (its re-run on kept rows would
-    draw other numbers)."""
+    draw other numbers); ``rate``: the argument that sets it."""
     if isinstance(module, nn.Dropout) and module.p > 0:
-        raise TypeError(f'{where}: SBP does not support element-wise dropout (p={module.p}) '
-                        'in its units; set drop_rate=0 (mmdet\'s Swin configs do) or run the '
-                        'stage densely (sbp.stages)')
+        raise TypeError(f'{where}: SBP does not support element-wise dropout (p={module.p}); '
+                        f"set {rate}=0 (mmdet's Swin configs do) or run the stage densely "
+                        '(sbp.stages)')
 
 
 class _KeptQueryAttention(torch.autograd.Function):
@@ -205,7 +205,7 @@ class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
                             'residual add (num_fcs=2, add_identity=True)')
         (fc1, act, drop1), fc2, drop2 = ffn.layers
         for drop in (drop1, drop2):
-            _no_dropout(drop, f'{where}.ffn')
+            _no_dropout(drop, f'{where}.ffn', 'drop_rate')
         tail = () if isinstance(ffn.gamma2, nn.Identity) else (ChannelsLast(ffn.gamma2),)
         if getattr(ffn.dropout_layer, 'drop_prob', 0.0) > 0:
             tail += (DropPath(ffn.dropout_layer),)
@@ -272,30 +272,38 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
     identical outputs (bit for bit, with the same random DropPath draws). In
     training, the chosen stages compute the gradients of their blocks' MLP
     branches on the kept rows of the stage's ``(H, W)`` token grid only
-    (``SBPSwinBlock``; the attention branch stays dense), and the patch
-    merging layers in front of SBP stages run as SBP units
+    (``SBPSwinBlock``), their window attention stores what its backward reads
+    at the kept queries only (the gradients of the dense attention), and the
+    patch merging layers in front of SBP stages run as SBP units
     (``SBPPatchMerging``). The mask is the detector's base mask, at each
     stage's stride. SBP is off in eval mode and under ``torch.no_grad()``.
     The modules keep their parameters and ``state_dict`` keys; only their
-    class is swapped for an SBP subclass.
+    class is swapped for an SBP subclass. The patch embedding and the output
+    norms run densely.
 
     Args:
         sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
             ``sampling``, ``per_image``, ``grid_cell``, ``grad_scale``,
-            ``recompute`` (as ``ResNetSBP``), ``stages`` (Sequence[bool]) or
-            ``blocks`` (Sequence[Sequence[bool]]): SBP per stage or per block
-            (default: every stage but the last, skipping frozen stages, the
-            paper's practice), and ``downsample`` (bool, default True): run
-            the patch merging in front of an SBP stage with SBP.
-            ``exact_input_grad`` is refused (no BatchNorm convolutions).
+            ``recompute`` (as ``ResNetSBP``; on a block: store its input
+            alone and re-run it in backward, as ``with_cp``),
+            ``exact_input_grad`` (refused: no BatchNorm convolutions),
+            ``stages`` (Sequence[bool]) or ``blocks``
+            (Sequence[Sequence[bool]]): SBP per stage or per block (default:
+            every stage but the last, skipping frozen stages, the paper's
+            practice), ``downsample`` (bool, default True): run the patch
+            merging in front of an SBP stage with SBP, and ``attention``
+            (bool, default True): the window attention of SBP blocks stores
+            its queries, attention probabilities and output projection input
+            at the kept rows only (False: what mmdet's stores).
         *args, **kwargs: the arguments of mmdet's ``SwinTransformer``,
             positional ones in its order (``sbp`` is keyword-only);
-            ``drop_rate`` must be 0 where SBP is on (element-wise dropout).
+            ``drop_rate`` (and ``attn_drop_rate`` with ``sbp.attention``)
+            must be 0 where SBP is on (element-wise dropout).
 
     Raises:
         ValueError: for a bad ``sbp`` value. KeyError: for an unknown key.
-        TypeError: for layers SBP cannot run (dropout, other patch merging),
-            naming the layer.
+        TypeError: for layers SBP cannot run (dropout, other patch merging,
+            ``exact_input_grad``), naming the layer.
     """
 
     sbp_extra_keys = ('stages', 'blocks', 'downsample', 'attention')
@@ -345,7 +353,8 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
                     layers.append((block, self.stage_strides[i]))
                     block.sbp_attention = self.sbp_attention
                     if self.sbp_attention:
-                        _no_dropout(block.attn.w_msa.attn_drop, f'{block.sbp_where}.attn')
+                        _no_dropout(block.attn.w_msa.attn_drop, f'{block.sbp_where}.attn',
+                                    'attn_drop_rate (or sbp.attention=False)')
             # the patch merging in front of stage i ends stage i - 1 (frozen with it)
             if self.sbp_downsample and switches[0] and i > max(self.frozen_stages, 0):
                 layers.append((self.stages[i - 1].downsample, self.stage_strides[i - 1]))
