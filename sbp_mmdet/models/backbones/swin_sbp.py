@@ -178,8 +178,8 @@ def _kept_queries(msa: SBPWindowMSA, keep: Optional[Tensor]) -> Iterator[None]:
 
 class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
     """``SwinBlock`` whose MLP branch runs with SBP; the attention branch
-    (``norm1``, shifted-window attention, DropPath, residual add) is dense
-    (mmdet's checkpointing with ``with_cp``).
+    (``norm1``, shifted-window attention, DropPath, residual add) computes
+    densely.
 
     The MLP branch is three SBP units on the token map: ``norm2`` (nothing
     stored: re-run from the kept rows of its input), ``fc1`` and GELU, ``fc2``,
