@@ -116,8 +116,9 @@ class Variant:
                     sub['type'] = SBP_TYPES[sub['type']]
                     sub.pop('sbp', None)
             elif part == 'backbone':
+                # with_cp checkpoints the dense blocks; SBP blocks recompute by sbp.recompute
                 sub['sbp'] = dict(sub.get('sbp') or {}, keep_ratio=self.keep_ratio,
-                                  recompute=self.recompute)
+                                  recompute=self.recompute or self.with_cp)
             if self.exact_input_grad and sub.get('type') in SBP_TYPES:
                 sub['sbp'] = dict(sub.get('sbp') or {}, exact_input_grad=True)
             if part == 'backbone':

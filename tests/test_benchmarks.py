@@ -363,7 +363,7 @@ def test_accuracy_variants_become_config_options():
         'model.backbone.sbp.keep_ratio=0.5', 'model.neck.sbp.convs=(output,)']
     assert tool.variant_options('sbp@0.5:neck=both')[1] == 'model.neck.sbp.convs=(lateral,output)'
     assert tool.variant_options('sbp@0.5:neck=both:exact_output')[2] == \
-        'model.neck.sbp.exact_input_grad=(output,)'
+        'model.neck.sbp.overrides.output.exact_input_grad=True'
     assert tool.variant_options('sbp@0.5:neck=both:sbp_rpn_head:exact')[3:] == [
         'model.backbone.sbp.exact_input_grad=True', 'model.neck.sbp.exact_input_grad=True',
         'model.rpn_head.sbp.exact_input_grad=True']

@@ -1,9 +1,9 @@
 """The README, the docs pages and the configs say what the code does.
 
 Each test reads a document and checks it against the code, the configs or the files it
-names: the key table against ``SBPConfig`` and each module's own keys, the configs table
-against the configs, the results index against ``docs/results/``, every command against
-the parser of the tool it runs. Nothing here measures anything.
+names: the key table against ``MaskConfig``, ``LayerConfig`` and each module's own keys,
+the configs table against the configs, the results index against ``docs/results/``, every
+command against the parser of the tool it runs. Nothing here measures anything.
 """
 import ast
 import re
@@ -20,8 +20,8 @@ from mmdet.registry import MODELS
 
 import sbp_mmdet  # noqa: F401  (registers the SBP modules)
 from sbp_mmdet.models.necks.fpn_sbp import CONV_GROUPS
-from sbp_mmdet.sbp import MASK_POLICIES, SBPConfig, SBPModuleMixin
-from sbp_mmdet.sbp.config import GRAD_SCALES
+from sbp_mmdet.sbp import MASK_POLICIES, LayerConfig, MaskConfig, SBPModuleMixin
+from sbp_mmdet.sbp.config import GRAD_SCALES, LAYER_KEYS, MASK_KEYS
 
 from sbp_builders import load_tool
 
@@ -176,11 +176,13 @@ def test_readme_key_table_lists_exactly_the_keys_each_module_accepts():
 
 def test_readme_key_table_defaults_are_the_code_defaults():
     table = readme_key_table()
-    for field in fields(SBPConfig):
+    for field in fields(MaskConfig) + fields(LayerConfig):
         assert field.default is not MISSING
         assert ast.literal_eval(table[field.name]['default'].strip('`')) == field.default, \
             field.name
     fpn, head = build('FPNSBP'), build('RPNHeadSBP')
+    assert ast.literal_eval(table['overrides']['default'].strip('`')) == {}
+    assert all(cfg == fpn.sbp_cfg for cfg in fpn.sbp_settings.groups.values())
     convs = ast.literal_eval(table['convs']['default'].strip('`'))
     assert fpn.sbp_conv_groups == tuple(CONV_GROUPS[c] for c in convs)
     assert fpn.own_mask is ast.literal_eval(table['own_mask']['default'].strip('`'))
@@ -204,20 +206,24 @@ def test_readme_key_table_names_every_allowed_value():
     assert "`'all'`" in table['recompute']['meaning'] and '`True`' in table['recompute']['meaning']
     for group in CONV_GROUPS:
         assert f"`'{group}'`" in table['convs']['meaning'], group
+        assert f"`'{group}'`" in table['overrides']['meaning'], group
+    overrides = table['overrides']['meaning']
+    assert "`'layer1'`" in overrides and "`'stage0'`" in overrides
+    assert 'layer1' in build('ResNetSBP').sbp_settings.groups
+    assert 'stage0' in build('ConvNeXtSBP').sbp_settings.groups
 
 
-def check_sbp_example(settings: dict, where: str) -> None:
+def check_sbp_example(settings: dict) -> None:
     """Build what an ``sbp=dict(...)`` example asks for, as the module it belongs to."""
-    fpn_only = {'convs', 'own_mask'}
-    exact = settings.get('exact_input_grad')
-    if fpn_only & set(settings) or isinstance(exact, (tuple, list)):
+    fpn_groups = set((settings.get('overrides') or {})) & set(CONV_GROUPS)
+    if {'convs', 'own_mask'} & set(settings) or fpn_groups:
         build('FPNSBP', sbp=settings)
     elif 'downsample' in settings:
         build('ConvNeXtSBP', sbp=settings)
     elif 'dense_outputs' in settings:
         build('RPNHeadSBP', sbp=settings)
     else:
-        SBPConfig.from_dict(settings, ('stages', 'blocks'), where)
+        build('ResNetSBP', sbp=settings)
 
 
 def test_readme_key_table_examples_build():
@@ -226,10 +232,10 @@ def test_readme_key_table_examples_build():
         for span in code_spans(row['meaning']):
             settings = keyword_args(span)
             if settings and set(settings) <= set(table):
-                check_sbp_example(settings, f'README key table, {key}')
-    fpn_examples = [keyword_args(s) for s in code_spans(table['exact_input_grad']['meaning'])]
-    fpn_examples = [s for s in fpn_examples if s and isinstance(s.get('exact_input_grad'), tuple)]
-    assert fpn_examples, 'the exact_input_grad row shows no FPNSBP tuple example'
+                check_sbp_example(settings)
+    fpn_examples = [keyword_args(s) for s in code_spans(table['overrides']['meaning'])]
+    assert any(s and set(s['overrides']) <= set(CONV_GROUPS) for s in fpn_examples), \
+        'the overrides row shows no FPNSBP example'
 
 
 def sbp_examples(text: str):
@@ -258,12 +264,12 @@ def test_sbp_examples_in_the_docs_build(page):
         if type_name in TINY_ARGS:
             build(type_name, sbp=settings)
         else:
-            check_sbp_example(settings, page.name)
+            check_sbp_example(settings)
     sbp_keys = set(readme_key_table())
     for span in code_spans(text):  # settings written as keywords, e.g. `keep_ratio=0.75, ...`
         settings = keyword_args(span)
         if settings and set(settings) <= sbp_keys:
-            check_sbp_example(settings, page.name)
+            check_sbp_example(settings)
 
 
 def docstring_keys(doc: str, keys: set) -> set:
@@ -282,9 +288,8 @@ def test_module_docstrings_name_every_key_they_accept():
         else:
             refs = [other for other in docs if other != name and f'``{other}``' in docs[name]]
             assert any(docstring_keys(docs[r], keys) == keys for r in refs), name
-    common = {f.name for f in fields(SBPConfig)}
-    assert docstring_keys(SBPModuleMixin.__doc__, common) == common
-    assert {k for k in common if f'{k} (' in SBPConfig.__doc__} == common
+    for keys, cls in ((MASK_KEYS, MaskConfig), (LAYER_KEYS, LayerConfig)):
+        assert {k for k in keys if f'{k} (' in cls.__doc__} == set(keys)
 
 
 def test_convnext_docstrings_count_the_units_a_block_has():
@@ -376,11 +381,7 @@ def test_config_sbp_settings_parse_and_match_configs_readme(row):
             stated[part.arg] = (part.value.func.id,
                                 {k.arg: ast.literal_eval(k.value) for k in part.value.keywords})
     assert actual == stated
-    for part, (type_name, settings) in actual.items():
-        cls = MODELS.get(type_name)
-        extra = getattr(cls, 'sbp_extra_keys', ('dense_outputs',))
-        SBPConfig.from_dict(settings, extra, type_name)
-    assert sbp_model_problem(model) is None
+    assert sbp_model_problem(model) is None  # builds the SBP backbone and neck
 
 
 # ---------------------------------------------------------------------------------------

@@ -160,8 +160,9 @@ class UserResNetSBP(ResNetSBP):
 
 
 def test_a_block_without_sbp_version_is_refused_naming_its_class():
-    with pytest.raises(TypeError, match=r'UserResNetSBP\.layer1\.0: block class '
-                                        r'.*UserBottleneck has no SBP version .*Bottle2neck'):
+    with pytest.raises(TypeError, match=r'UserResNetSBP\.layer1\.0: layer class '
+                                        r'.*UserBottleneck has no SBP version '
+                                        r'.*resnet\.Bottleneck'):
         UserResNetSBP(depth=50, base_channels=8)
     model = UserResNetSBP(depth=50, base_channels=8, sbp=dict(stages=(0, 0, 0, 0)))
     assert not model.sbp_active()  # the blocks without SBP are not asked for it

@@ -92,10 +92,12 @@ def test_forward_is_convnext_and_gradients_equal_the_reference(size, downsample)
 
 
 @pytest.mark.parametrize('size', [(67, 61), (45, 130)])
-@pytest.mark.parametrize('kwargs', [dict(), dict(with_cp=True), dict(linear_pw_conv=False)],
+@pytest.mark.parametrize('recompute,kwargs', [(False, dict()), (True, dict(with_cp=True)),
+                                              (False, dict(linear_pw_conv=False))],
                          ids=['store', 'recompute', 'conv_pw'])
-def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs):
-    model, dense = convnext_pair(dict(keep_ratio=0.5, per_image=True), **kwargs)
+def test_per_image_masks_are_convnext_with_the_reference_gradients(size, recompute, kwargs):
+    model, dense = convnext_pair(dict(keep_ratio=0.5, per_image=True, recompute=recompute),
+                                 **kwargs)
     assert_convnext_matches_reference(model, dense, torch.rand(2, 3, *size))
     mask = model.sbp_iteration.base_mask
     assert mask.dim() == 2 and not torch.equal(mask[0], mask[1])
@@ -105,12 +107,13 @@ def test_per_image_masks_are_convnext_with_the_reference_gradients(size, kwargs)
 @pytest.mark.parametrize('kwargs', [
     dict(linear_pw_conv=False),  # 1x1 convs and a channel-first norm
     dict(layer_scale_init_value=0.0, drop_path_rate=0.0),  # no gamma, no DropPath
-    dict(with_cp=True),  # recomputes on the kept rows
+    dict(with_cp=True),  # with sbp.recompute: recomputes on the kept rows
     dict(frozen_stages=1),
     dict(stem_patch_size=2),
 ])
 def test_block_variants_equal_the_reference(kwargs):
-    model, dense = convnext_pair(dict(keep_ratio=0.5), **kwargs)
+    model, dense = convnext_pair(dict(keep_ratio=0.5, recompute=kwargs.get('with_cp', False)),
+                                 **kwargs)
     assert_convnext_matches_reference(model, dense, torch.rand(2, 3, 67, 61))
 
 

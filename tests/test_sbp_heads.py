@@ -6,7 +6,7 @@ import torch
 from mmdet.models.dense_heads import RetinaHead, RPNHead
 
 from sbp_mmdet.models import RetinaHeadSBP, RPNHeadSBP
-from sbp_mmdet.sbp import SavedTensorMeter
+from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures, SBPIteration
 
 from sbp_builders import build_detector, faster_rcnn_cfg, preprocessed_batch, small_retinanet_cfg
 from sbp_reference import (add_reference_hooks, assert_grads_match, assert_matches_reference,
@@ -17,7 +17,8 @@ from sbp_reference import (add_reference_hooks, assert_grads_match, assert_match
 def exact_input_grad_cfg(detector: str) -> dict:
     """SBP heads and FPN output convs on their weight gradients only."""
     cfg = faster_rcnn_cfg(True) if detector == 'faster_rcnn' else small_retinanet_cfg(True)
-    cfg.neck.sbp = dict(convs=('lateral', 'output'), exact_input_grad=('output',))
+    cfg.neck.sbp = dict(convs=('lateral', 'output'),
+                        overrides=dict(output=dict(exact_input_grad=True)))
     (cfg.rpn_head if detector == 'faster_rcnn' else cfg.bbox_head).sbp = dict(
         exact_input_grad=True)
     return cfg
@@ -104,13 +105,18 @@ def test_heads_and_output_convs_with_exact_input_grad_equal_their_reference(dete
     assert_matches_reference(sbp_model, dense, data, loss, bitwise=True)
 
 
-def test_exact_input_grad_of_a_head_is_checked_at_build_time():
+def test_exact_input_grad_of_a_head_is_checked_at_build_and_first_training_forward():
+    """The value at build time; BatchNorm's mode at the first training forward after
+    ``.train()`` (the mode is set after the head is built)."""
     with pytest.raises(TypeError, match="sbp.exact_input_grad must be True or False, got 'yes'"):
         RPNHeadSBP(in_channels=16, feat_channels=16, sbp=dict(exact_input_grad='yes'))
+    head = RetinaHeadSBP(num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
+                         norm_cfg=dict(type='BN'), sbp=dict(exact_input_grad=True)).train()
+    iteration = SBPIteration(torch.tensor([True, False, True, False]), base_stride=8)
+    features = SBPFeatures([torch.rand(2, 16, 32, 32)], iteration, [8])
     with pytest.raises(TypeError, match='RetinaHeadSBP.cls_convs.0: exact input gradients need '
                                         'BatchNorm in eval mode'):
-        RetinaHeadSBP(num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
-                      norm_cfg=dict(type='BN'), sbp=dict(exact_input_grad=True))
+        head(features)
 
 
 def test_dense_outputs_is_checked_at_build_time():

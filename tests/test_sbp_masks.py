@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sbp_mmdet.sbp import MASK_POLICIES, RowMaskSampler, SBPConfig, SBPIteration
+from sbp_mmdet.sbp import MASK_POLICIES, MaskConfig, RowMaskSampler, SBPIteration, parse_sbp
 from sbp_mmdet.sbp.masks import grid_row_mask
 
 
@@ -19,13 +19,13 @@ def test_grid_offset_moves_the_pattern():
 
 
 def test_random_mask_keeps_exactly_round_r_times_rows():
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.3, sampling='random'), seed=1)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=0.3, sampling='random'), seed=1)
     for _ in range(5):
         assert sampler.sample(50).sum().item() == 15
 
 
 def test_masks_are_reproducible_under_a_seed_and_change_between_iterations():
-    cfg = SBPConfig(keep_ratio=0.5, sampling='random')
+    cfg = MaskConfig(keep_ratio=0.5, sampling='random')
     a, b = RowMaskSampler(cfg, seed=7), RowMaskSampler(cfg, seed=7)
     seq_a = [a.sample(64) for _ in range(4)]
     seq_b = [b.sample(64) for _ in range(4)]
@@ -37,12 +37,12 @@ def test_masks_are_reproducible_under_a_seed_and_change_between_iterations():
 
 def test_grid_offsets_vary_between_iterations():
     # period 2 cells of 2 rows: 4 possible offsets, all drawn over 40 iterations
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5, grid_cell=2), seed=3)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=0.5, grid_cell=2), seed=3)
     assert len({tuple(sampler.sample(10).tolist()) for _ in range(40)}) == 4
 
 
 def test_sampler_state_restores_the_mask_sequence():
-    cfg = SBPConfig(keep_ratio=0.5, sampling='random')
+    cfg = MaskConfig(keep_ratio=0.5, sampling='random')
     first = RowMaskSampler(cfg, seed=5)
     first.sample(32)
     state = first.state_dict()
@@ -54,7 +54,7 @@ def test_sampler_state_restores_the_mask_sequence():
 
 @pytest.mark.parametrize('image_height', [64, 61, 33, 17, 1])
 def test_finer_strides_replicate_the_base_mask(image_height):
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5, sampling='random'), seed=2)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=0.5, sampling='random'), seed=2)
     it = SBPIteration.sample(sampler, image_height, base_stride=16)
     height = image_height
     for stride in (2, 4, 8, 16):
@@ -85,17 +85,17 @@ def test_strides_coarser_than_the_base_are_not_covered():
 ])
 def test_bad_settings_name_the_key_and_allowed_values(cfg, error):
     with pytest.raises((ValueError, TypeError), match=error):
-        SBPConfig.from_dict(cfg)
+        parse_sbp(cfg, 'ResNetSBP', draws_mask=True)
 
 
 def test_unknown_keys_are_refused_with_the_allowed_ones():
     with pytest.raises(KeyError, match="unknown key\\(s\\) \\['keep'\\].*allowed keys"):
-        SBPConfig.from_dict(dict(keep=0.5), owner='ResNetSBP')
+        parse_sbp(dict(keep=0.5), 'ResNetSBP', draws_mask=True)
 
 
 @pytest.mark.parametrize('cell', [1, 2, 4])
 def test_grid_cells_keep_consecutive_rows(cell):
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=0.5, grid_cell=cell), seed=0)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=0.5, grid_cell=cell), seed=0)
     mask = sampler.sample(64)
     assert mask.float().mean().item() == pytest.approx(0.5, abs=cell / 64)
     runs = torch.diff(torch.nonzero(torch.diff(mask.int())).flatten())
@@ -104,7 +104,7 @@ def test_grid_cells_keep_consecutive_rows(cell):
 
 def test_grid_cell_must_be_a_positive_int():
     with pytest.raises(ValueError, match='grid_cell must be a positive int'):
-        SBPConfig(grid_cell=0)
+        MaskConfig(grid_cell=0)
 
 
 def request(policy_rank=0, per_image=True, keep_ratio=0.5, num_rows=13, step=0, cell=2,
@@ -120,8 +120,8 @@ def request(policy_rank=0, per_image=True, keep_ratio=0.5, num_rows=13, step=0, 
 @pytest.mark.parametrize('keep_ratio', [0.25, 0.5, 0.75])
 @pytest.mark.parametrize('num_rows', [13, 16, 1])
 def test_per_image_masks_keep_the_same_count_in_every_image(sampling, keep_ratio, num_rows):
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=keep_ratio, sampling=sampling,
-                                       per_image=True), seed=4)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=keep_ratio, sampling=sampling,
+                                        per_image=True), seed=4)
     draws = [sampler.sample(num_rows, batch_size=3) for _ in range(20)]
     assert all(m.shape == (3, num_rows) and m.dtype == torch.bool for m in draws)
     assert all(len(set(m.sum(dim=1).tolist())) == 1 for m in draws)
@@ -156,7 +156,7 @@ def test_ranks_draw_complementary_grid_offsets(keep_ratio, per_image):
 
 
 def test_samplers_of_two_ranks_take_complementary_offsets_and_restore_them():
-    cfg = SBPConfig(keep_ratio=0.5, sampling='grid')
+    cfg = MaskConfig(keep_ratio=0.5, sampling='grid')
     ranks = [RowMaskSampler(cfg, seed=0) for _ in range(2)]
     for rank, sampler in enumerate(ranks):
         sampler.set_seed(11, rank=rank, world_size=2)
@@ -183,7 +183,7 @@ def test_objects_policy_keeps_rows_covering_boxes_first():
 
 
 def test_objects_policy_without_boxes_says_how_to_get_them():
-    sampler = RowMaskSampler(SBPConfig(sampling='objects', per_image=True), seed=0)
+    sampler = RowMaskSampler(MaskConfig(sampling='objects', per_image=True), seed=0)
     with pytest.raises(ValueError, match="needs the batch's ground-truth boxes.*SBPHook"):
         sampler.sample(10, batch_size=2)
 
@@ -199,7 +199,7 @@ def test_a_policy_with_unequal_counts_per_image_is_refused_naming_it():
             return masks
 
     try:
-        sampler = RowMaskSampler(SBPConfig(sampling='test_unequal', per_image=True), seed=0)
+        sampler = RowMaskSampler(MaskConfig(sampling='test_unequal', per_image=True), seed=0)
         with pytest.raises(ValueError, match="'test_unequal' kept \\[1, 0\\] rows per image"):
             sampler.sample(10, batch_size=2)
         with pytest.raises(KeyError, match="'test_unequal' is already registered"):
@@ -210,4 +210,4 @@ def test_a_policy_with_unequal_counts_per_image_is_refused_naming_it():
 
 def test_per_image_must_be_a_bool():
     with pytest.raises(TypeError, match='sbp.per_image must be True or False'):
-        SBPConfig(per_image='yes')
+        MaskConfig(per_image='yes')

@@ -1,9 +1,13 @@
 """ResNetSBP and FPNSBP: drop-in, exact forward, reference gradients, less memory."""
+import re
+
 import pytest
 import torch
 from mmdet.models.backbones import ResNet
 from mmdet.models.necks import FPN
+from mmdet.registry import MODELS
 from mmengine.config import Config
+from torch import nn
 
 import sbp_mmdet  # noqa: F401
 from sbp_mmdet.models import FPNSBP, ResNetSBP, RetinaHeadSBP, RPNHeadSBP
@@ -194,7 +198,8 @@ def test_output_convs_with_exact_input_grad_equal_their_reference(shapes):
     rows, their inputs (the top-down path, the laterals, the backbone) get
     every row's gradient; the whole detector equals that reference."""
     cfg = small_faster_rcnn_cfg(True)
-    cfg.neck.sbp = dict(convs=('lateral', 'output'), exact_input_grad=('output',))
+    cfg.neck.sbp = dict(convs=('lateral', 'output'),
+                        overrides=dict(output=dict(exact_input_grad=True)))
     sbp_model = build_detector(cfg)
     dense = build_detector(small_faster_rcnn_cfg(False))
     dense.load_state_dict(sbp_model.state_dict())
@@ -245,22 +250,67 @@ def test_exact_input_grad_everywhere_gives_the_dense_gradient_to_every_activatio
     assert any(n.startswith('rpn_head') for n in differ)
 
 
-@pytest.mark.parametrize('exact,error', [
-    (('output',), r"sbp.exact_input_grad must be True, False or a sequence of conv groups "
-                  r"that sbp.convs=\('lateral',\) puts in SBP, got \('output',\)"),
-    ('output', r"got 'output'"),
+@pytest.mark.parametrize('sbp,error', [
+    (dict(convs=('lateral',), exact_input_grad=('output',)),
+     r"ValueError: FPNSBP: sbp.exact_input_grad takes one value for the module; per group "
+     r"write sbp=dict\(overrides=dict\(output=dict\(exact_input_grad=True\)\)\)"),
+    (dict(exact_input_grad='output'), r"TypeError: sbp.exact_input_grad must be True or False"),
+    (dict(overrides=dict(output=dict(exact_input_grad=True))),
+     r"ValueError: FPNSBP: sbp.overrides sets \['output'\], which run densely"),
+    (dict(overrides=dict(top_down=dict(recompute=True))),
+     r"KeyError: .*FPNSBP: unknown group\(s\) \['top_down'\] in sbp.overrides; its groups are "
+     r"\['lateral', 'output'\]"),
+    (dict(overrides=dict(lateral=dict(keep_ratio=0.5))),
+     r"KeyError: .*FPNSBP: sbp.overrides.lateral takes the layer keys"),
+    (dict(overrides=[('lateral', {})]), r"TypeError: FPNSBP: sbp.overrides must be a dict"),
 ])
-def test_bad_exact_input_grad_is_refused_naming_the_groups(exact, error):
-    with pytest.raises(ValueError, match=f'FPNSBP: .*{error}'):
-        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2,
-               sbp=dict(convs=('lateral',), exact_input_grad=exact))
+def test_bad_layer_settings_are_refused_showing_the_overrides_form(sbp, error):
+    with pytest.raises((KeyError, TypeError, ValueError)) as err:
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, sbp=sbp)
+    assert re.search(error, f'{err.type.__name__}: {err.value}'), str(err.value)
 
 
-def test_exact_input_grad_on_a_conv_with_norm_is_refused_at_build_time():
+@pytest.mark.parametrize('key,value', [('keep_ratio', 0.25), ('sampling', 'random'),
+                                       ('per_image', True), ('grid_cell', 4)])
+@pytest.mark.parametrize('module', ['FPNSBP', 'RPNHeadSBP'])
+def test_a_mask_key_on_a_module_that_follows_the_mask_is_refused_naming_its_home(
+        module, key, value):
+    """The mask keys have one home, the backbone: a neck or head refuses them
+    (before, a neck's grid_cell was silently unused)."""
+    args = dict(in_channels=[64, 128], out_channels=32, num_outs=2) if module == 'FPNSBP' \
+        else dict(in_channels=32, feat_channels=32)
+    with pytest.raises(ValueError, match=rf'{module}: sbp.{key} is a mask setting, and this '
+                                         r'module follows the mask that the backbone.* draws: '
+                                         rf'set it there \(e.g. model.backbone.sbp.{key}\)'):
+        MODELS.build(dict(type=module, sbp={key: value}, **args))
+
+
+def test_a_group_override_reaches_only_its_layers():
+    neck = FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2,
+                  sbp=dict(recompute=True, convs=('lateral', 'output'),
+                           overrides=dict(output=dict(recompute=False, grad_scale='inverse_keep'))))
+    assert [(m.sbp_cfg.recompute, m.sbp_cfg.grad_scale) for m in neck.lateral_convs] == \
+        [(True, 'none')] * 2
+    assert [(m.sbp_cfg.recompute, m.sbp_cfg.grad_scale) for m in neck.fpn_convs] == \
+        [(False, 'inverse_keep')] * 2
+
+
+def test_exact_input_grad_on_a_train_mode_norm_is_refused_at_the_first_training_forward():
+    """BatchNorm's mode is set by ``.train()`` (and a backbone's ``norm_eval``) after the
+    module is built: it is checked at the first training forward after each ``.train()``."""
+    neck = FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, norm_cfg=dict(type='BN'),
+                  sbp=dict(convs=('lateral', 'output'),
+                           overrides=dict(output=dict(exact_input_grad=True))))
+    backbone = ResNetSBP(18, out_indices=(0, 1), sbp=dict(keep_ratio=0.5)).train()
+    feats = backbone(torch.rand(2, 3, 64, 64))
     with pytest.raises(TypeError, match=r'FPNSBP\.fpn_convs\.0: exact input gradients need '
                                         r'BatchNorm in eval mode'):
-        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, norm_cfg=dict(type='BN'),
-               sbp=dict(convs=('lateral', 'output'), exact_input_grad=('output',)))
+        neck.train()(feats)
+    neck.fpn_convs.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)
+    neck(feats)  # the next training forward after no .train(): checked once, not again
+    neck.train()
+    with pytest.raises(TypeError, match='exact input gradients need BatchNorm in eval mode'):
+        neck(feats)
 
 
 @pytest.mark.parametrize('convs', [(), 'lateral', ('lateral', 'top_down')])
@@ -305,16 +355,9 @@ def test_neck_follows_the_backbone_mask_and_publishes_its_strides():
     outs = model.neck(feats)
     assert isinstance(outs, SBPFeatures) and outs.strides == (4, 8, 16, 32, 64)
     assert outs.iteration is feats.iteration is model.neck.sbp_iteration
-    neck = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
-                  sbp=dict(keep_ratio=0.25))
-    neck.train()
-    with pytest.raises(ValueError, match='keep_ratio=0.25 disagrees with the mask it follows'):
-        neck(feats)
-    per_image = FPNSBP(in_channels=[64, 128, 256, 512], out_channels=32, num_outs=5,
-                       sbp=dict(per_image=True))
-    per_image.train()
-    with pytest.raises(ValueError, match='per_image=True disagrees with the mask it follows'):
-        per_image(feats)
+    assert model.neck.mask_sampler is None  # the keep ratio has one home: the backbone's
+    with pytest.raises(AttributeError, match='FPNSBP follows the mask of the module before it'):
+        model.neck.keep_ratio = 0.25
 
 
 def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
@@ -334,18 +377,21 @@ def test_neck_without_a_mask_to_follow_says_so_instead_of_drawing_one():
     assert outs.strides == (1, 2, 4, 8, 16)
 
 
-@pytest.mark.parametrize('neck_sbp,error', [
-    (dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio=0.25 disagrees with the backbone (0.5)'),
-    (dict(sampling='random'), "FPNSBP: sbp.sampling='random' disagrees with the backbone"),
-    (dict(per_image=True), 'FPNSBP: sbp.per_image=True disagrees with the backbone (False)'),
-    (dict(keep_ratio=0.5, sampling='grid', grad_scale='inverse_keep'), None),
-    (dict(own_mask=True, convs=('lateral',)), None),  # every FPNSBP key is known
-    (dict(convs=('lateral',), top_down=True), "FPNSBP: unknown key(s) ['top_down']"),
-    (dict(keep_ratio=2.0), 'sbp.keep_ratio must be in (0, 1]'),
+@pytest.mark.parametrize('backbone_sbp,neck_sbp,error', [
+    ({}, dict(keep_ratio=0.25), 'FPNSBP: sbp.keep_ratio is a mask setting'),
+    ({}, dict(grid_cell=4), 'FPNSBP: sbp.grid_cell is a mask setting'),
+    ({}, dict(grad_scale='inverse_keep', recompute=True), None),
+    ({}, dict(own_mask=True, keep_ratio=0.5),
+     'FPNSBP: sbp.own_mask=True behind an SBP backbone, whose mask the neck follows'),
+    ({}, dict(convs=('lateral',), top_down=True), "FPNSBP: unknown key(s) ['top_down']"),
+    (dict(keep_ratio=2.0), {}, 'sbp.keep_ratio must be in (0, 1]'),
+    (dict(overrides=dict(layer9=dict(recompute=True))), {},
+     "ResNetSBP: unknown group(s) ['layer9']"),
 ])
-def test_neck_disagreeing_with_the_backbone_is_reported_from_the_config(neck_sbp, error):
+def test_bad_or_misplaced_settings_are_reported_from_the_config(backbone_sbp, neck_sbp, error):
     from sbp_mmdet.models import sbp_model_problem
-    model = dict(backbone=dict(type='ResNetSBP', depth=18, sbp=dict(keep_ratio=0.5)),
-                 neck=dict(type='FPNSBP', sbp=neck_sbp))
+    model = dict(backbone=dict(type='ResNetSBP', depth=18, sbp=backbone_sbp),
+                 neck=dict(type='FPNSBP', in_channels=[64, 128, 256, 512], out_channels=32,
+                           num_outs=5, sbp=neck_sbp))
     problem = sbp_model_problem(model)
     assert problem == error if error is None else error in problem

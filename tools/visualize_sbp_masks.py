@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from sbp_mmdet.sbp import RowMaskSampler, SBPConfig, SBPIteration  # noqa: E402
+from sbp_mmdet.sbp import MaskConfig, RowMaskSampler, SBPIteration  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,7 +39,7 @@ def parse_args(argv=None):
 def masks_for(image_height: int, keep_ratio: float, sampling: str, strides, base_stride: int,
               seed: int, iteration: int):
     """Per stride, a bool array over image rows: True where rows are kept."""
-    sampler = RowMaskSampler(SBPConfig(keep_ratio=keep_ratio, sampling=sampling), seed=seed)
+    sampler = RowMaskSampler(MaskConfig(keep_ratio=keep_ratio, sampling=sampling), seed=seed)
     sampler.step = iteration
     it = SBPIteration.sample(sampler, image_height, base_stride)
     out = {}
@@ -75,7 +75,7 @@ def render(image: np.ndarray, args) -> np.ndarray:
 def main(argv=None):
     import cv2
     args = parse_args(argv)
-    SBPConfig(keep_ratio=args.keep_ratio)  # clear error for a bad ratio
+    MaskConfig(keep_ratio=args.keep_ratio)  # clear error for a bad ratio
     image = cv2.imread(args.image)
     if image is None:
         raise SystemExit(f'cannot read image {args.image!r}')

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..models.checks import sbp_model_problem
-from ..sbp import SBPConfig
+from ..sbp.config import check_keep_ratio
 from .step_seed_hook import StepSeedHook
 
 
@@ -118,7 +118,7 @@ class SBPHook(StepSeedHook):
                 raise ValueError('SBPHook: steps entries are (start_iter, keep_ratio), '
                                  f'got {step!r}')
             _check_iteration(step[0], 'SBPHook: steps start_iter')
-            self.steps.append((step[0], SBPConfig(keep_ratio=step[1]).keep_ratio))
+            self.steps.append((step[0], check_keep_ratio(step[1])))
         starts = [start for start, _ in self.steps]
         if len(set(starts)) != len(starts):
             raise ValueError(f'SBPHook: steps start at the same iteration more than once: '
@@ -131,8 +131,8 @@ class SBPHook(StepSeedHook):
             _check_iteration(ramp[1], 'SBPHook: ramp end')
             if not ramp[0] < ramp[1]:
                 raise ValueError(f'SBPHook: ramp needs begin < end, got {ramp!r}')
-            ramp = (ramp[0], ramp[1], SBPConfig(keep_ratio=ramp[2]).keep_ratio,
-                    SBPConfig(keep_ratio=ramp[3]).keep_ratio)
+            ramp = (ramp[0], ramp[1], check_keep_ratio(ramp[2]),
+                    check_keep_ratio(ramp[3]))
         if ramp is not None and self.steps:
             raise ValueError('SBPHook: give steps or ramp, not both')
         self.ramp = ramp
@@ -146,11 +146,13 @@ class SBPHook(StepSeedHook):
 
     @staticmethod
     def sbp_modules(model: nn.Module) -> List[nn.Module]:
+        """The modules that draw masks (the SBP backbone, or a neck with its own
+        mask): the one home of each keep ratio."""
         model = model.module if is_model_wrapper(model) else model
-        return [m for m in model.modules() if hasattr(m, 'mask_sampler')]
+        return [m for m in model.modules() if getattr(m, 'mask_sampler', None) is not None]
 
     def before_run(self, runner) -> None:
-        """Refuse an SBP neck whose settings disagree with the SBP backbone's,
+        """Refuse an SBP model that cannot train (``sbp_model_problem``),
         before weights are initialised or data is loaded."""
         problem = sbp_model_problem(runner.cfg.get('model') or {})
         if problem is not None:

@@ -1,6 +1,8 @@
 """The SBP mechanism shared by every SBP backbone and neck.
 
-- ``config``: the validated ``sbp=dict(...)`` settings.
+- ``config``: the ``sbp=dict(...)`` settings, each with one owner: mask
+  keys for the module that draws the mask, layer keys (and per-group
+  overrides) for each SBP module.
 - ``policies``: mask policies (``grid``, ``random``, ``objects``), a
   registry of them (``register_mask_policy``) and what they draw from.
 - ``masks``: row keep masks, one base mask per iteration (shared or per
@@ -18,14 +20,17 @@
   ``exact_input_grad``).
 - ``context``: ``SBPFeatures``, feature maps carrying the iteration's mask
   and their strides from one SBP module to the next.
+- ``layer``: ``SBPLayerMixin`` and ``adopt``, the one mechanism that turns
+  a built module (a block, a conv module) into a layer run with SBP.
 - ``module``: ``SBPModuleMixin``, what every SBP backbone, neck and head
   shares.
 - ``memory``: bytes saved for backward, the device-independent measure.
 - ``tracing``: torch.fx tracing (mmengine's ``efficient_conv_bn_eval``) of
   SBP modules and layers, refused with ``SBPTracingError``.
 """
-from .config import SBPConfig
+from .config import LayerConfig, MaskConfig, SBPSettings, parse_sbp
 from .context import SBPFeatures
+from .layer import SBPLayerMixin, adopt
 from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
 from .module import SBPBackboneMixin, SBPModuleMixin
@@ -38,7 +43,8 @@ from .program import SBPProgram, Unit, conv_unit
 from .state import SBPState
 from .tracing import SBPTracingError
 
-__all__ = ['SBPConfig', 'MASK_POLICIES', 'MaskPolicy', 'MaskRequest', 'register_mask_policy',
+__all__ = ['MaskConfig', 'LayerConfig', 'SBPSettings', 'parse_sbp', 'SBPLayerMixin', 'adopt',
+           'MASK_POLICIES', 'MaskPolicy', 'MaskRequest', 'register_mask_policy',
            'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin',
            'SBPBackboneMixin', 'SBPTracingError', 'ConvMix', 'LinearMix',

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import SBPConfig
+from .config import MaskConfig
 from .policies import MaskRequest, build_mask_policy, grid_period, grid_row_mask, num_base_rows
 from .rows import contains_rows, gather_rows, stack_rows
 
@@ -41,7 +41,7 @@ class RowMaskSampler:
     the hook the run seed is ``torch.initial_seed()`` at construction.
     """
 
-    def __init__(self, cfg: SBPConfig, seed: Optional[int] = None) -> None:
+    def __init__(self, cfg: MaskConfig, seed: Optional[int] = None) -> None:
         self.cfg = cfg
         self.policy = build_mask_policy(cfg.sampling)
         self.set_seed(torch.initial_seed() if seed is None else seed)

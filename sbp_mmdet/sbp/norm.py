@@ -119,7 +119,7 @@ class BatchNorm(TailOp):
         return [self.norm.weight, self.norm.bias]
 
     def check_call(self) -> None:
-        """Refuse what the statistics term cannot do (called before each run)."""
+        """Refuse what the statistics term cannot do (``TailOp.check_call``)."""
         if isinstance(self.norm, nn.SyncBatchNorm) and self.norm.training:
             raise NotImplementedError(
                 f'SBP unit {self.where!r}: SyncBN in train mode is not supported (its '

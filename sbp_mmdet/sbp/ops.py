@@ -350,11 +350,12 @@ class TailOp:
                                   'input gradient')
 
     def check_call(self) -> None:
-        """Raise what the op cannot run in its current mode (before each run)."""
+        """Raise what the op cannot run in its current mode (``SBPProgram.check_modes``:
+        at the first training forward after each ``.train()``)."""
 
     def check_input_grad(self) -> None:
         """Raise where ``input_grad`` cannot run in the op's current mode
-        (an op with ``gives_input_grad``; before each run)."""
+        (an op with ``gives_input_grad``; checked with ``check_call``)."""
 
 
 class RowLocal(TailOp):

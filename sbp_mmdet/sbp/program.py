@@ -214,16 +214,24 @@ class SBPProgram:
             for op in norms if modes else ():
                 op.check_input_grad()
 
-    def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
-                 recompute: Union[bool, str] = False, grad_scale: str = 'none',
-                 exact_input_grad: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
-        """Run the program with SBP on ``x`` (a map at ``stride``); ``recompute``:
-        ``False``, ``True`` or ``'all'`` (see the module docstring)."""
+    def check_modes(self, exact_input_grad: bool = False) -> None:
+        """Raise what the ops cannot run in their current modes (e.g. SyncBN in
+        train mode; with ``exact_input_grad``, BatchNorm in train mode)."""
         for unit in self.units:
             for op in unit.tail:
                 op.check_call()
         if exact_input_grad:
             self.check_exact_input_grad()
+
+    def __call__(self, x: Tensor, iteration: SBPIteration, stride: int,
+                 recompute: Union[bool, str] = False, grad_scale: str = 'none',
+                 exact_input_grad: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
+        """Run the program with SBP on ``x`` (a map at ``stride``); ``recompute``:
+        ``False``, ``True`` or ``'all'`` (see the module docstring).
+
+        Its ops' modes are checked by ``check_modes``, once per ``.train()``
+        of the SBP module that runs it, not here.
+        """
         run = _Run(self, iteration, stride, recompute, grad_scale, compute_dtype(x),
                    exact_input_grad)
         outs = _SBPFunction.apply(run, x, *self.parameters())

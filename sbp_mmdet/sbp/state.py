@@ -1,35 +1,32 @@
-"""Per-forward SBP state handed from a parent module to its SBP layers."""
+"""Per-forward SBP state handed from an SBP module to its layers."""
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, Tuple, Union
 
 from torch import Tensor, nn
 
-from .config import SBPConfig
+from .config import LayerConfig
 from .masks import SBPIteration
 from .program import SBPProgram
 
 
 @dataclass(frozen=True)
 class SBPState:
-    """What an SBP layer needs for one training forward.
+    """What an SBP layer needs from its module for one training forward.
 
     Args:
         iteration: the iteration's keep mask.
         stride: stride of the layer's input map.
-        cfg: the SBP settings (recompute, grad_scale, exact_input_grad).
     """
 
     iteration: SBPIteration
     stride: int
-    cfg: SBPConfig
 
-    def run(self, program: SBPProgram, x: Tensor, recompute: bool = False) -> Tensor:
-        """Run ``program`` on ``x``; ``recompute=True`` (a layer's ``with_cp``)
-        recomputes at least as much as ``cfg.recompute=True``."""
-        return program(x, self.iteration, self.stride, recompute=self.cfg.recompute or recompute,
-                       grad_scale=self.cfg.grad_scale,
-                       exact_input_grad=self.cfg.exact_input_grad)
+    def run(self, program: SBPProgram, x: Tensor,
+            cfg: LayerConfig) -> Union[Tensor, Tuple[Tensor, ...]]:
+        """Run ``program`` on ``x`` with the layer settings ``cfg``."""
+        return program(x, self.iteration, self.stride, recompute=cfg.recompute,
+                       grad_scale=cfg.grad_scale, exact_input_grad=cfg.exact_input_grad)
 
 
 @contextmanager

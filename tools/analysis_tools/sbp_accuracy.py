@@ -115,7 +115,7 @@ def variant_options(name: str) -> List[str]:
         elif suffix in NECK_CONVS:
             opts.append(f'model.neck.sbp.convs={NECK_CONVS[suffix]}')
         elif suffix == 'exact_output':
-            opts.append('model.neck.sbp.exact_input_grad=(output,)')
+            opts.append('model.neck.sbp.overrides.output.exact_input_grad=True')
         elif suffix == 'exact':
             parts = ['backbone', 'neck'] + [HEAD_PARTS[s] for s in suffixes if s in HEAD_PARTS]
             opts += [f'model.{part}.sbp.exact_input_grad=True' for part in parts]

@@ -1,14 +1,13 @@
 """mmpretrain's ConvNeXt with Stochastic Backpropagation."""
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
 from ...sbp import (Add, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale, LinearMix,
-                    RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit)
-from ...sbp.module import stage_switches
-from ...sbp.tracing import check_layer_not_traced
-from .mmpretrain_convnext import ConvNeXt, ConvNeXtBlock
+                    RowLocal, SBPBackboneMixin, SBPLayerMixin, SBPProgram, Unit)
+from ...sbp.module import stage_switches, warn_with_cp_without_recompute
+from .mmpretrain_convnext import ConvNeXt, ConvNeXtBlock, LayerNorm2d
 
 
 class _ChannelLastNorm(nn.Module):
@@ -22,32 +21,15 @@ class _ChannelLastNorm(nn.Module):
         return self.norm(x, data_format='channel_last')
 
 
-class _SBPLayerMixin:
-    """Runs a layer as its SBP program while ``sbp_state`` is set."""
-
-    sbp_state: Optional[SBPState] = None
-    sbp_where: str = ''
-    with_cp: bool = False
-
-    def sbp_program(self) -> SBPProgram:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sbp_state is None:
-            check_layer_not_traced(self)  # torch.fx would record the dense path
-            return super().forward(x)
-        return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
-
-
-class SBPConvNeXtBlock(_SBPLayerMixin, ConvNeXtBlock):
+class SBPConvNeXtBlock(SBPLayerMixin, ConvNeXtBlock):
     """``ConvNeXtBlock`` as three SBP units: the 7x7 depthwise conv (3-row halo)
     and LayerNorm; the first pointwise layer and its activation; the second
     pointwise layer, layer scale, DropPath and the residual add. Each unit
     stores its leading op's output at the kept rows, so backward re-runs only
-    the LayerNorm and the activation; with ``with_cp`` (``recompute``) it
-    stores the block input alone and re-runs the block on the kept rows."""
+    the LayerNorm and the activation; with ``recompute`` it stores the block
+    input alone and re-runs the block on the kept rows."""
 
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         if self.grn is not None:
             raise TypeError(f'{self.sbp_where}: SBP does not support GRN (use_grn=True, '
                             'ConvNeXt V2): its statistics span the whole map, not one row')
@@ -72,11 +54,11 @@ class SBPConvNeXtBlock(_SBPLayerMixin, ConvNeXtBlock):
         ])
 
 
-class SBPNormConv(_SBPLayerMixin, nn.Sequential):
+class SBPNormConv(SBPLayerMixin, nn.Sequential):
     """A stem or downsampling layer (convs and channel norms, in order) as SBP
     units: each conv starts a unit, each norm joins the tail of the one before."""
 
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         units: List[Unit] = []
         for index, layer in enumerate(self):
             source = units[-1].name if units else 'input'
@@ -90,35 +72,25 @@ class SBPNormConv(_SBPLayerMixin, nn.Sequential):
         return SBPProgram(units)
 
 
-class _DenseForward(nn.Module):
-    """The forward of an SBP layer's parent class (the layer without SBP)."""
+class _LayerNorm2dForward(nn.Module):
+    """``LayerNorm2d``'s own forward on an ``SBPLayerNorm2d`` (whose forward
+    runs its program), as a module, so that the unit sees its parameters."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, norm: nn.Module) -> None:
         super().__init__()
-        self.layer = layer
+        self.norm = norm
 
     def forward(self, x: Tensor) -> Tensor:
-        return super(_SBPLayerMixin, self.layer).forward(x)
+        return LayerNorm2d.forward(self.norm, x)
 
 
-class _SBPOutNorm(_SBPLayerMixin):
-    """An output norm (``norm{i}``, any norm class) as one row-local SBP unit."""
+class SBPLayerNorm2d(SBPLayerMixin, LayerNorm2d):
+    """mmpretrain's ``LayerNorm2d`` (an output norm ``norm{i}``) as one
+    row-local SBP unit."""
 
-    def sbp_program(self) -> SBPProgram:
-        return SBPProgram([Unit('norm', 'input', IdentityMix(), (RowLocal(_DenseForward(self)),))])
-
-
-_OUT_NORM_CLASSES: Dict[type, type] = {}
-
-
-def _sbp_out_norm_class(norm_class: type) -> type:
-    """``norm_class`` made an SBP layer (one class per norm class, kept in this
-    module's namespace so that models pickle)."""
-    if norm_class not in _OUT_NORM_CLASSES:
-        name = f'SBPOutNorm_{norm_class.__name__}'
-        sbp_class = type(name, (_SBPOutNorm, norm_class), {'__module__': __name__})
-        globals()[name] = _OUT_NORM_CLASSES[norm_class] = sbp_class
-    return _OUT_NORM_CLASSES[norm_class]
+    def build_sbp_program(self) -> SBPProgram:
+        unit = Unit('norm', 'input', IdentityMix(), (RowLocal(_LayerNorm2dForward(self)),))
+        return SBPProgram([unit], where=self.sbp_where)
 
 
 @MODELS.register_module()
@@ -131,16 +103,22 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
     the same random DropPath draws). In training, the chosen stages compute
     gradients on the kept rows of their feature maps only: each block is three
     SBP units (``SBPConvNeXtBlock``), and each output norm ``norm{i}`` of an
-    SBP stage is one. SBP is off in eval mode and under
+    SBP stage (a ``LayerNorm2d``, the default ``norm_cfg``; another norm
+    class runs densely) is one. SBP is off in eval mode and under
     ``torch.no_grad()``. The modules keep their classes' parameters and
-    ``state_dict`` keys; only their class is swapped for an SBP subclass.
+    ``state_dict`` keys; only their class is swapped for an SBP subclass
+    (``sbp_adopt``).
 
     Args:
         sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
             ``sampling``, ``per_image``, ``grid_cell``, ``grad_scale``,
-            ``recompute`` (as ``ResNetSBP``), ``exact_input_grad`` (see
-            ``SBPConfig``; it needs convolutions with eval-mode BatchNorm, so
-            ConvNeXt's blocks refuse it), ``stages`` (Sequence[bool]) or ``blocks``
+            ``recompute`` (as ``ResNetSBP``; the blocks' ``with_cp``
+            checkpoints only the blocks that run densely), ``exact_input_grad`` (see
+            ``LayerConfig``; it needs convolutions with eval-mode BatchNorm, so
+            ConvNeXt's blocks refuse it), ``overrides`` (per-stage layer keys, the
+            stages named ``stage0``, ``stage1``, ...: e.g.
+            ``overrides=dict(stage0=dict(recompute=True))``), ``stages`` (Sequence[bool]) or
+            ``blocks``
             (Sequence[Sequence[bool]]): SBP per stage or per block (default:
             every stage but the last, skipping frozen stages, the paper's
             practice), and ``downsample`` (bool): also run the stem and the
@@ -161,11 +139,11 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
         TypeError: for blocks SBP cannot run (GRN), naming the block.
     """
 
-    sbp_extra_keys = ('stages', 'blocks', 'downsample')
-
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extra = self.init_sbp(sbp, self.sbp_extra_keys)
+        extra = self.init_sbp(sbp, draws_mask=True,
+                              groups=[f'stage{i}' for i in range(self.num_stages)],
+                              extra_keys=('stages', 'blocks', 'downsample'))
         if self.gap_before_final_norm:
             raise ValueError(f'{self.sbp_name}: gap_before_final_norm=True pools the outputs '
                              'to vectors; SBP needs feature maps: set it to False')
@@ -177,37 +155,29 @@ class ConvNeXtSBP(SBPBackboneMixin, ConvNeXt):
         if not isinstance(self.sbp_downsample, bool):
             raise ValueError(f'{self.sbp_name}: sbp.downsample must be True or False, '
                              f'got {self.sbp_downsample!r}')
-        self._make_sbp_layers()
-        self.sbp_layer_inputs = self._sbp_layer_inputs()
-        self.sbp_check_layers()
+        self.sbp_layer_inputs = self._adopt_sbp_layers()
+        warn_with_cp_without_recompute(self)
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=stem_stride)
 
-    def _make_sbp_layers(self) -> None:
-        """Give the blocks, downsampling layers and output norms their SBP
-        classes (same modules and parameters: only the forward changes)."""
-        for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
-            down.__class__ = SBPNormConv
-            down.sbp_where = f'{self.sbp_name}.downsample_layers.{i}'
-            for j, block in enumerate(stage):
-                block.__class__ = SBPConvNeXtBlock
-                block.sbp_where = f'{self.sbp_name}.stages.{i}.{j}'
-            if i in self.out_indices:
-                norm = getattr(self, f'norm{i}')
-                norm.__class__ = _sbp_out_norm_class(type(norm))
-                norm.sbp_where = f'{self.sbp_name}.norm{i}'
-
-    def _sbp_layer_inputs(self) -> List[Tuple[nn.Module, int]]:
-        """``(layer, input stride)`` of the layers that run with SBP."""
+    def _adopt_sbp_layers(self) -> List[Tuple[nn.Module, int]]:
+        """Make the blocks, downsampling layers and output norms that run with
+        SBP SBP layers (``sbp_adopt``); their ``(layer, input stride)``."""
         layers = []
         for i, switches in enumerate(self.sbp_blocks):
+            group = f'stage{i}'
             # a stage's downsampling layer is not its first block: every block
             # reads the stage's stride
-            layers += [(block, self.stage_strides[i])
-                       for block, on in zip(self.stages[i], switches) if on]
+            for j, (block, on) in enumerate(zip(self.stages[i], switches)):
+                if on:
+                    self.sbp_adopt(block, (SBPConvNeXtBlock,), f'stages.{i}.{j}', group)
+                    layers.append((block, self.stage_strides[i]))
             if self.sbp_downsample and switches[0]:
-                layers.append((self.downsample_layers[i],
-                               self.stage_strides[i - 1] if i else 1))
-            if switches[-1] and i in self.out_indices:
-                layers.append((getattr(self, f'norm{i}'), self.stage_strides[i]))
+                down = self.sbp_adopt(self.downsample_layers[i], (SBPNormConv,),
+                                      f'downsample_layers.{i}', group)
+                layers.append((down, self.stage_strides[i - 1] if i else 1))
+            norm = getattr(self, f'norm{i}', None)
+            if switches[-1] and i in self.out_indices and type(norm) is LayerNorm2d:
+                self.sbp_adopt(norm, (SBPLayerNorm2d,), f'norm{i}', group)
+                layers.append((norm, self.stage_strides[i]))
         return layers

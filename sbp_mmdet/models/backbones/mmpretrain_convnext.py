@@ -53,5 +53,6 @@ except ModuleNotFoundError as error:  # depends on the machine
 
 ConvNeXt = _convnext.ConvNeXt
 ConvNeXtBlock = _convnext.ConvNeXtBlock
+LayerNorm2d = MMPRETRAIN_MODELS.get('LN2d')  # the norm of ConvNeXt's default norm_cfg
 
-__all__ = ['ConvNeXt', 'ConvNeXtBlock']
+__all__ = ['ConvNeXt', 'ConvNeXtBlock', 'LayerNorm2d']

@@ -6,12 +6,11 @@ from mmdet.models.backbones.res2net import Bottle2neck
 from mmdet.registry import MODELS
 
 from ...sbp import Add, ChannelSlice, Concat, IdentityMix, PoolMix, SBPProgram, Unit, conv_unit
-from .resnet_sbp import SBP_BLOCKS, SBPBlockMixin, SBPResNetMixin, check_block, shortcut_units
+from .resnet_sbp import SBPBlockMixin, SBPResNetMixin, check_block, shortcut_units
 
 
 class SBPBottle2neck(SBPBlockMixin, Bottle2neck):
-    """Res2Net's ``Bottle2neck`` that runs as an SBP program while ``sbp_state``
-    is set.
+    """Res2Net's ``Bottle2neck`` as an SBP layer.
 
     The program: ``conv1``; split ``i`` of its output (``ChannelSlice``), plus
     the previous scale's output in a ``'normal'`` block (``Add``), feeds the
@@ -20,8 +19,8 @@ class SBPBottle2neck(SBPBlockMixin, Bottle2neck):
     into ``conv3``, which adds the shortcut.
     """
 
-    def sbp_program(self) -> SBPProgram:
-        where = getattr(self, 'sbp_where', type(self).__name__)
+    def build_sbp_program(self) -> SBPProgram:
+        where = self.sbp_where
         check_block(self, where)
         units = [conv_unit('conv1', 'input', self.conv1, self.norm1, relu_after=True,
                            where=f'{where}.conv1')]
@@ -47,9 +46,6 @@ class SBPBottle2neck(SBPBlockMixin, Bottle2neck):
         return SBPProgram(units, where=where)
 
 
-SBP_BLOCKS[Bottle2neck] = SBPBottle2neck
-
-
 @MODELS.register_module()
 class Res2NetSBP(SBPResNetMixin, Res2Net):
     """mmdet's ``Res2Net`` whose blocks train with SBP.
@@ -64,3 +60,5 @@ class Res2NetSBP(SBPResNetMixin, Res2Net):
         *args, **kwargs: the arguments of ``mmdet.models.Res2Net``, positional ones in
             its order (``sbp`` is keyword-only).
     """
+
+    sbp_layer_classes = (SBPBottle2neck,)

@@ -1,15 +1,14 @@
 """ResNet with Stochastic Backpropagation."""
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet, ResNetV1d
 from mmdet.registry import MODELS
-from torch import Tensor, nn
+from torch import nn
 
-from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPBackboneMixin, SBPProgram, SBPState, Unit,
+from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPBackboneMixin, SBPLayerMixin, SBPProgram, Unit,
                     conv_unit)
-from ...sbp.module import stage_layers, stage_switches
-from ...sbp.tracing import check_layer_not_traced
+from ...sbp.module import stage_layers, stage_switches, warn_with_cp_without_recompute
 
 
 def shortcut_units(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]:
@@ -42,18 +41,15 @@ def check_block(block: nn.Module, where: str) -> None:
         raise TypeError(f'{where}: SBP does not support block plugins; disable SBP for this stage')
 
 
-class SBPBlockMixin:
-    """Runs a residual block as an SBP program while ``sbp_state`` is set.
+class SBPBlockMixin(SBPLayerMixin):
+    """A residual block as an SBP program.
 
     A chain of conv + norm layers declares them in ``_main_layers``; a block
-    with another graph overrides ``sbp_program`` (``SBPBottle2neck``).
+    with another graph overrides ``build_sbp_program`` (``SBPBottle2neck``).
     """
 
-    sbp_state: Optional[SBPState] = None
-
-    def sbp_program(self) -> SBPProgram:
-        """The block as an SBP program (``sbp_where`` names the block in errors)."""
-        where = getattr(self, 'sbp_where', type(self).__name__)
+    def build_sbp_program(self) -> SBPProgram:
+        where = self.sbp_where
         check_block(self, where)
         shortcut, residual = shortcut_units(self, where)
         *body, (name, source, conv, norm) = self._main_layers()
@@ -67,15 +63,9 @@ class SBPBlockMixin:
         """``(name, source, conv, norm)`` of the main branch's layers, in order."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sbp_state is None:
-            check_layer_not_traced(self)  # torch.fx would record the dense path
-            return super().forward(x)
-        return self.sbp_state.run(self.sbp_program(), x, recompute=self.with_cp)
-
 
 class SBPBasicBlock(SBPBlockMixin, BasicBlock):
-    """``BasicBlock`` that runs as an SBP program while ``sbp_state`` is set."""
+    """mmdet's ``BasicBlock`` as an SBP layer."""
 
     def _main_layers(self) -> List[tuple]:
         return [('conv1', 'input', self.conv1, self.norm1),
@@ -83,7 +73,7 @@ class SBPBasicBlock(SBPBlockMixin, BasicBlock):
 
 
 class SBPBottleneck(SBPBlockMixin, Bottleneck):
-    """``Bottleneck`` that runs as an SBP program while ``sbp_state`` is set."""
+    """mmdet's ``Bottleneck`` as an SBP layer."""
 
     def _main_layers(self) -> List[tuple]:
         return [('conv1', 'input', self.conv1, self.norm1),
@@ -91,54 +81,39 @@ class SBPBottleneck(SBPBlockMixin, Bottleneck):
                 ('conv3', 'conv2', self.conv3, self.norm3)]
 
 
-SBP_BLOCKS: Dict[type, type] = {BasicBlock: SBPBasicBlock, Bottleneck: SBPBottleneck}
-"""mmdet block class -> its SBP version (the backbones' modules add theirs)."""
-
-
 class SBPResNetMixin(SBPBackboneMixin):
     """SBP for the blocks of mmdet's ``ResNet`` and its subclasses.
 
     A backbone subclasses it before its mmdet class (``ResNetSBP``,
-    ``ResNeXtSBP``, ``RegNetSBP``, ``Res2NetSBP``); ``make_res_layer`` builds
-    the SBP version of each block (``SBP_BLOCKS``), whose parameters, buffers
-    and forward are the block's. ``stem_stride`` is the stride of the stem.
-    See ``ResNetSBP`` for the ``sbp`` keys.
+    ``ResNeXtSBP``, ``RegNetSBP``, ``Res2NetSBP``) and names the SBP
+    versions of its block classes in ``sbp_layer_classes``; the blocks of the
+    SBP stages are made SBP layers (``sbp_adopt``), the others stay mmdet's.
+    ``stem_stride`` is the stride of the stem. The layer groups are the
+    stages, by their mmdet names (``layer1``, ...). See ``ResNetSBP`` for
+    the ``sbp`` keys.
     """
 
-    sbp_extra_keys = ('stages', 'blocks')
+    sbp_layer_classes: Tuple[type, ...] = (SBPBasicBlock, SBPBottleneck)
     stem_stride = 4
 
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extra = self.init_sbp(sbp, self.sbp_extra_keys)
+        extra = self.init_sbp(sbp, draws_mask=True, groups=self.res_layers,
+                              extra_keys=('stages', 'blocks'))
         self.sbp_blocks = stage_switches(self.sbp_name, self.stage_blocks, self.frozen_stages,
                                          extra.get('stages'), extra.get('blocks'))
         self.stage_strides = [self.stem_stride * math.prod(self.strides[:i + 1])
                               for i in range(len(self.stage_blocks))]
         stages = [getattr(self, name) for name in self.res_layers]
-        for name, stage in zip(self.res_layers, stages):
-            for j, block in enumerate(stage):
-                block.sbp_where = f'{self.sbp_name}.{name}.{j}'  # names the block in errors
+        for name, stage, switches in zip(self.res_layers, stages, self.sbp_blocks):
+            for j, (block, on) in enumerate(zip(stage, switches)):
+                if on:
+                    self.sbp_adopt(block, self.sbp_layer_classes, f'{name}.{j}', group=name)
         self.sbp_layer_inputs = stage_layers(stages, self.sbp_blocks, self.stem_stride,
                                              self.stage_strides)
-        for block, _ in self.sbp_layer_inputs:
-            self._check_sbp_block(block)
-        self.sbp_check_layers()
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=self.stem_stride)
-
-    def _check_sbp_block(self, block: nn.Module) -> None:
-        if not isinstance(block, SBPBlockMixin):
-            supported = ', '.join(f'{b.__module__}.{b.__name__}' for b in SBP_BLOCKS)
-            raise TypeError(
-                f'{block.sbp_where}: block class {type(block).__module__}.'
-                f'{type(block).__name__} has no SBP version (SBP supports the blocks '
-                f'{supported}); turn SBP off for its stage with sbp.stages/sbp.blocks, or '
-                'register an SBP version in sbp_mmdet.models.backbones.SBP_BLOCKS')
-
-    def make_res_layer(self, **kwargs) -> nn.Module:
-        kwargs['block'] = SBP_BLOCKS.get(kwargs['block'], kwargs['block'])
-        return super().make_res_layer(**kwargs)
+        warn_with_cp_without_recompute(self)
 
 
 @MODELS.register_module()
@@ -171,15 +146,22 @@ class ResNetSBP(SBPResNetMixin, ResNet):
             - ``recompute`` (bool | str): recompute block internals on the
               kept rows in backward instead of storing them: ``True`` keeps
               the inputs of 3x3 convs, ``'all'`` only each block's input (more
-              for bottlenecks; see ``SBPConfig``). Default False. A block with
-              ``with_cp=True`` recomputes at least as if this were True.
+              for bottlenecks; see ``LayerConfig``). Default False. The one
+              switch of the SBP blocks: ``with_cp=True`` checkpoints the
+              blocks that run densely (the last stage), as in mmdet.
             - ``exact_input_grad`` (bool): SBP on the parameters' gradients
               only, every activation gets its exact gradient (see
-              ``SBPConfig``). Needs ``norm_eval=True``. Default False.
+              ``LayerConfig``). Needs ``norm_eval=True``. Default False.
+            - ``overrides`` (dict): the keys ``grad_scale``, ``recompute`` and
+              ``exact_input_grad`` for one stage, by its name, over the
+              module's: e.g. ``overrides=dict(layer1=dict(recompute='all'))``.
             - ``stages`` (Sequence[bool]): SBP per stage, e.g.
               ``(False, True, True, False)``.
             - ``blocks`` (Sequence[Sequence[bool]]): SBP per block of each
               stage, instead of ``stages``.
+
+            The first four are the mask keys: the backbone draws the mask
+            that the SBP neck and heads follow, so they are written here only.
 
             Default (neither ``stages`` nor ``blocks``): every stage but the
             last, skipping frozen stages: the paper's practice of SBP in the
@@ -192,7 +174,7 @@ class ResNetSBP(SBPResNetMixin, ResNet):
         >>> import torch
         >>> from sbp_mmdet.models import ResNetSBP
         >>> model = ResNetSBP(depth=18, sbp=dict(keep_ratio=0.5))
-        >>> model.train()  # SBP is on in training (mmdet's ResNet.train returns None)
+        >>> model = model.train()  # SBP is on in training
         >>> outs = model(torch.rand(2, 3, 64, 96))
         >>> [tuple(o.shape) for o in outs]
         [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]

@@ -3,15 +3,12 @@ from mmdet.models.backbones import RegNet, ResNeXt
 from mmdet.models.backbones.resnext import Bottleneck as ResNeXtBottleneck
 from mmdet.registry import MODELS
 
-from .resnet_sbp import SBP_BLOCKS, SBPBottleneck, SBPResNetMixin
+from .resnet_sbp import SBPBottleneck, SBPResNetMixin
 
 
 class SBPResNeXtBottleneck(SBPBottleneck, ResNeXtBottleneck):
-    """ResNeXt's ``Bottleneck`` (grouped 3x3 conv) that runs as an SBP program
-    while ``sbp_state`` is set: the layers of ``SBPBottleneck``."""
-
-
-SBP_BLOCKS[ResNeXtBottleneck] = SBPResNeXtBottleneck
+    """ResNeXt's ``Bottleneck`` (grouped 3x3 conv) as an SBP layer: the
+    layers of ``SBPBottleneck``."""
 
 
 @MODELS.register_module()
@@ -27,6 +24,8 @@ class ResNeXtSBP(SBPResNetMixin, ResNeXt):
         *args, **kwargs: the arguments of ``mmdet.models.ResNeXt``, positional ones in
             its order (``sbp`` is keyword-only).
     """
+
+    sbp_layer_classes = (SBPResNeXtBottleneck,)
 
 
 @MODELS.register_module()
@@ -44,4 +43,5 @@ class RegNetSBP(SBPResNetMixin, RegNet):
             its order (``sbp`` is keyword-only).
     """
 
+    sbp_layer_classes = (SBPResNeXtBottleneck,)
     stem_stride = 2

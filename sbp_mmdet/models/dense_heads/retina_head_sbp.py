@@ -18,18 +18,17 @@ class RetinaHeadSBP(SBPDenseHeadMixin, RetinaHead):
     Args:
         sbp (dict, optional): ``grad_scale``, ``recompute`` (``'all'``
             stores only each level's input and recomputes the tower in
-            backward), ``exact_input_grad`` (see ``SBPConfig``; with it the
+            backward), ``exact_input_grad`` (see ``LayerConfig``; with it the
             neck gets every row's gradient), ``dense_outputs`` (True: the
             classification and regression convs run densely, SBP on the
-            tower only); ``keep_ratio``/``sampling``/
-            ``per_image``, if given, must agree with the mask it follows,
-            and ``grid_cell`` is the mask's (given, it is not used).
-            Default: None.
+            tower only). The head follows the backbone's mask: the mask keys
+            (``keep_ratio``, ``sampling``, ``per_image``, ``grid_cell``) are
+            the backbone's, and refused here. Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RetinaHead``, positional ones in
             its order (``sbp`` is keyword-only).
     """
 
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         units = []
         for branch, convs, out in (('cls', self.cls_convs, self.retina_cls),
                                    ('reg', self.reg_convs, self.retina_reg)):

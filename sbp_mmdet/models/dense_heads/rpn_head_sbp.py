@@ -17,18 +17,17 @@ class RPNHeadSBP(SBPDenseHeadMixin, RPNHead):
     Args:
         sbp (dict, optional): ``grad_scale``, ``recompute`` (``'all'``
             stores only each level's input and recomputes the tower in
-            backward), ``exact_input_grad`` (see ``SBPConfig``; with it the
+            backward), ``exact_input_grad`` (see ``LayerConfig``; with it the
             neck gets every row's gradient), ``dense_outputs`` (True: the
             classification and regression convs run densely, SBP on the
-            tower only); ``keep_ratio``/``sampling``/
-            ``per_image``, if given, must agree with the mask it follows,
-            and ``grid_cell`` is the mask's (given, it is not used).
-            Default: None.
+            tower only). The head follows the backbone's mask: the mask keys
+            (``keep_ratio``, ``sampling``, ``per_image``, ``grid_cell``) are
+            the backbone's, and refused here. Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.RPNHead``, positional ones in
             its order (``sbp`` is keyword-only).
     """
 
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         where = self.sbp_name
         if self.num_convs > 1:
             units = [conv_module_unit(m, f'conv{i}', f'conv{i - 1}' if i else 'input',

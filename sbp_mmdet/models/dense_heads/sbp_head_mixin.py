@@ -4,6 +4,8 @@ from typing import List, Optional, Tuple
 from torch import Tensor
 
 from ...sbp import SBPIteration, SBPModuleMixin, SBPProgram, Unit
+from ...sbp.layer import cached_program
+from ...sbp.module import layer_state
 
 
 class SBPDenseHeadMixin(SBPModuleMixin):
@@ -12,10 +14,12 @@ class SBPDenseHeadMixin(SBPModuleMixin):
     The head follows the mask of the ``SBPFeatures`` it receives (an SBP
     neck's output): each level runs ``sbp_program()`` with the mask at its own
     stride; levels coarser than the base mask run densely (``forward_single``).
-    A subclass declares ``sbp_program()``, whose outputs are those of
+    A subclass declares ``build_sbp_program()``, whose outputs are those of
     ``forward_single`` in order; ``__init__`` takes the head's arguments plus
-    ``sbp`` (keys: see ``SBPModuleMixin``, plus ``dense_outputs``) and builds
-    the program once, so that unsupported layers fail at build time. With
+    ``sbp`` (keys: the layer keys of ``LayerConfig`` and ``dense_outputs``;
+    the mask keys belong to the backbone, whose mask the head follows) and
+    builds the program once (``cached_program``), so that unsupported layers
+    fail at build time. With
     ``exact_input_grad=True`` the head's SBP is on its weight gradients only:
     the neck gets the exact gradient of every row, so the head cuts no
     gradient path into the FPN's top-down path and the backbone. With
@@ -26,40 +30,52 @@ class SBPDenseHeadMixin(SBPModuleMixin):
 
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extras = self.init_sbp(sbp, extra_keys=('dense_outputs',))
+        extras = self.init_sbp(sbp, draws_mask=False, extra_keys=('dense_outputs',))
         self.sbp_dense_outputs = extras.get('dense_outputs', False)
         if not isinstance(self.sbp_dense_outputs, bool):
             raise TypeError(f'{self.sbp_name}: sbp.dense_outputs must be True or False, got '
                             f'{self.sbp_dense_outputs!r}')
-        program, _ = self._sbp_split_program()  # fail at build time on unsupported layers
+        program, _, _ = self._sbp_split_program()  # fail at build time on unsupported layers
         if self.sbp_cfg.exact_input_grad:
-            program.check_exact_input_grad()
+            program.check_exact_input_grad(modes=False)
+
+    def build_sbp_program(self) -> SBPProgram:
+        """The head's tower and output convs as one program."""
+        raise NotImplementedError
 
     def sbp_program(self) -> SBPProgram:
-        raise NotImplementedError
+        """The head's program (``build_sbp_program``), built once."""
+        return self._sbp_split_program()[2]
+
+    def check_sbp_modes(self) -> None:
+        self._sbp_split_program()[0].check_modes(self.sbp_cfg.exact_input_grad)
 
     def forward(self, x: Tuple[Tensor, ...]) -> Tuple[List[Tensor], ...]:
         if not self.sbp_training():
             return super().forward(x)
         features = self.sbp_follow(x)
         self.sbp_iteration = features.iteration
-        program, dense_units = self._sbp_split_program()  # the same for every level
+        program, dense_units, _ = self._sbp_split_program()
         outs = [self._sbp_level(feat, stride, features.iteration, program, dense_units)
                 for feat, stride in zip(features, features.strides)]
         return tuple(map(list, zip(*outs)))
 
-    def _sbp_split_program(self) -> Tuple[SBPProgram, Tuple[Unit, ...]]:
-        """The program SBP runs and the output units run densely after it (none
-        unless ``dense_outputs``)."""
-        program = self.sbp_program()
-        return program.split_outputs() if self.sbp_dense_outputs else (program, ())
+    def _sbp_split_program(self) -> Tuple[SBPProgram, Tuple[Unit, ...], SBPProgram]:
+        """The program SBP runs, the output units run densely after it (none
+        unless ``dense_outputs``) and the whole program: built once."""
+        return cached_program(self, self._build_split_program)
+
+    def _build_split_program(self) -> Tuple[SBPProgram, Tuple[Unit, ...], SBPProgram]:
+        program = self.build_sbp_program()
+        trunk, dense_units = program.split_outputs() if self.sbp_dense_outputs else (program, ())
+        return trunk, dense_units, program
 
     def _sbp_level(self, x: Tensor, stride: int, iteration: SBPIteration,
                    program: SBPProgram, dense_units: Tuple[Unit, ...]) -> tuple:
-        state = self.sbp_state(iteration, stride, program)
+        state = layer_state(iteration, stride, program)
         if state is None:
             return self.forward_single(x)
-        outs = state.run(program, x)
+        outs = state.run(program, x, self.sbp_cfg)
         if not dense_units:
             return outs
         values = dict(zip(program.outputs, outs if isinstance(outs, tuple) else (outs,)))

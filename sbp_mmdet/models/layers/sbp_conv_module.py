@@ -1,54 +1,27 @@
 """mmcv's ``ConvModule`` as an SBP layer (necks and heads build their convs with it)."""
-from typing import Optional
-
 from mmcv.cnn import ConvModule
-from torch import Tensor, nn
+from torch import nn
 
-from ...sbp import RowLocal, SBPProgram, SBPState, Unit, conv_unit
-from ...sbp.tracing import check_layer_not_traced, mark_sbp_layers
+from ...sbp import RowLocal, SBPLayerMixin, SBPProgram, Unit, conv_unit
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
 
 
-class SBPConvModule(ConvModule):
-    """``ConvModule`` that runs as an SBP unit while ``sbp_state`` is set.
+class SBPConvModule(SBPLayerMixin, ConvModule):
+    """mmcv's ``ConvModule`` as an SBP layer (``adopt``).
 
     Supports the order conv -> norm -> act with a plain conv, an optional
     BatchNorm and an optional elementwise activation (ReLU, GELU, SiLU,
-    LeakyReLU, Sigmoid, Tanh).
+    LeakyReLU, Sigmoid, Tanh). A call with ``activate=False`` or
+    ``norm=False`` runs densely.
     """
 
-    sbp_state: Optional[SBPState] = None
+    def build_sbp_program(self) -> SBPProgram:
+        return SBPProgram([conv_module_unit(self, 'conv', 'input', self.sbp_where)],
+                          where=self.sbp_where)
 
-    @classmethod
-    def adopt(cls, module: ConvModule, where: str) -> 'SBPConvModule':
-        """Turn a built ``ConvModule`` into this class in place (same weights).
-
-        The module is marked as an SBP layer: torch.fx may not trace it
-        (``sbp_mmdet.sbp.tracing``).
-
-        Raises:
-            TypeError: for a layer SBP cannot run, naming ``where`` (at build
-                time, not at the first training forward).
-        """
-        if type(module) is not ConvModule:
-            raise TypeError(f'{where}: expected a ConvModule, got {type(module).__name__}')
-        module.__class__ = cls
-        module.sbp_where = where
-        mark_sbp_layers([module])
-        module.sbp_program()
-        return module
-
-    def sbp_program(self) -> SBPProgram:
-        """The layer as an SBP unit."""
-        where = getattr(self, 'sbp_where', type(self).__name__)
-        return SBPProgram([conv_module_unit(self, 'conv', 'input', where)], where=where)
-
-    def forward(self, x: Tensor, activate: bool = True, norm: bool = True) -> Tensor:
-        if self.sbp_state is None or not (activate and norm):
-            check_layer_not_traced(self)  # torch.fx would record the dense path
-            return super().forward(x, activate, norm)
-        return self.sbp_state.run(self.sbp_program(), x)
+    def sbp_runs_with(self, activate: bool = True, norm: bool = True) -> bool:
+        return activate and norm
 
 
 def conv_module_unit(module: ConvModule, name: str, source: str, where: str) -> Unit:

@@ -1,12 +1,11 @@
 """FPN with Stochastic Backpropagation on its lateral convs (and optionally its output convs)."""
-from dataclasses import replace
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
-from torch import Tensor, nn
+from torch import Tensor
 
-from ...sbp import SBPConfig, SBPFeatures, SBPIteration, SBPModuleMixin
+from ...sbp import SBPFeatures, SBPIteration, SBPModuleMixin
 from ..layers import SBPConvModule
 from ..sbp_types import supported_backbones
 
@@ -30,57 +29,56 @@ class FPNSBP(SBPModuleMixin, FPN):
     mode and under ``torch.no_grad()``.
 
     Args:
-        sbp (dict, optional): SBP settings: ``keep_ratio``, ``sampling``,
-            ``per_image``, ``grid_cell``, ``grad_scale``, ``recompute`` (see
-            ``ResNetSBP``) and ``own_mask`` (bool, default False). The
-            backbone's mask is used (its keep ratio, sampling, per-image masks
-            and grid cell): ``keep_ratio``/``sampling``/``per_image`` given
-            here must agree with the backbone's, and a disagreement is
-            refused when the run starts (``sbp_model_problem``). Behind a
-            backbone that returns no mask (a dense one) the neck raises an
-            error, unless ``own_mask=True``: then it draws its own mask with its
-            own settings, at strides relative to its first input (1, 2, 4, ...).
-            ``convs`` (sequence of ``'lateral'``/``'output'``, default
-            ``('lateral',)``): which convs train with SBP; the others run
-            densely (a dense lateral stores its backbone map in full, a dense
-            output conv its merged map). The default keeps the output convs
-            dense: with SBP there they cut the top-down gradient into the
-            backbone's dense last stage, which cost accuracy for a little
-            memory (docs/accuracy.md, docs/memory.md).
-            ``exact_input_grad`` (bool, or a sequence of groups among
-            ``convs``; default False): SBP on those convs' weight gradients
-            only (True: every SBP group; see ``SBPConfig``). Their input
-            gets the exact gradient of every row, computed from the weights
-            (no stored activations), so they store what SBP stores without
-            cutting the gradient path into the top-down path and backbone.
+        sbp (dict, optional): SBP settings. Keys:
+
+            - ``grad_scale``, ``recompute``, ``exact_input_grad``: the layer
+              keys (see ``ResNetSBP``), for every SBP conv. With
+              ``exact_input_grad`` an SBP conv's input gets the exact
+              gradient of every row, computed from the weights (no stored
+              activations): it stores what SBP stores without cutting the
+              gradient path into the top-down path and the backbone.
+            - ``overrides`` (dict): the layer keys of one conv group,
+              ``'lateral'`` or ``'output'``, over the module's: e.g.
+              ``overrides=dict(output=dict(exact_input_grad=True))``.
+            - ``convs`` (sequence of ``'lateral'``/``'output'``, default
+              ``('lateral',)``): which convs train with SBP; the others run
+              densely (a dense lateral stores its backbone map in full, a
+              dense output conv its merged map). The default keeps the
+              output convs dense: with SBP there they cut the top-down
+              gradient into the backbone's dense last stage, which cost
+              accuracy for a little memory (docs/accuracy.md, docs/memory.md).
+            - ``own_mask`` (bool, default False): the neck follows the
+              backbone's mask, and its mask keys (``keep_ratio``,
+              ``sampling``, ``per_image``, ``grid_cell``) are the
+              backbone's: given here they are refused. Behind a dense
+              backbone (no mask to follow) set ``own_mask=True``: the neck
+              then draws its own mask, takes the mask keys, and its strides
+              are relative to its first input (1, 2, 4, ...).
+
             Default: None.
         *args, **kwargs: the arguments of ``mmdet.models.FPN``, positional ones in
             its order (``sbp`` is keyword-only).
     """
 
-    sbp_extra_keys = ('own_mask', 'convs', 'exact_input_grad')
-
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extra = self.init_sbp(sbp, self.sbp_extra_keys)
-        self.own_mask = bool(extra.get('own_mask', False))
+        self.own_mask = (sbp or {}).get('own_mask', False)
+        if not isinstance(self.own_mask, bool):
+            raise TypeError(f'{self.sbp_name}: sbp.own_mask must be True or False, '
+                            f'got {self.own_mask!r}')
+        extra = self.init_sbp(sbp, draws_mask=self.own_mask, groups=tuple(CONV_GROUPS),
+                              extra_keys=('own_mask', 'convs'),
+                              mask_home='the backbone (or this neck, with sbp.own_mask=True)')
         convs = extra.get('convs', DEFAULT_CONVS)
         self.sbp_conv_groups = self._conv_groups(convs)
-        self.sbp_exact_groups = self._exact_input_groups(extra.get('exact_input_grad', ()),
-                                                         convs)
-        self._exact_cfg = replace(self.sbp_cfg, exact_input_grad=True)
-        for kind in self.sbp_conv_groups:
-            for i, module in enumerate(getattr(self, kind)):
-                where = f'{self.sbp_name}.{kind}.{i}'
-                program = SBPConvModule.adopt(module, where).sbp_program()
-                if kind in self.sbp_exact_groups:
-                    program.check_exact_input_grad()
-
-    def sbp_layer_cfg(self, layer: nn.Module) -> SBPConfig:
-        """The module's settings, with ``exact_input_grad`` for the groups it names."""
-        exact = any(layer is module for kind in self.sbp_exact_groups
-                    for module in getattr(self, kind))
-        return self._exact_cfg if exact else self.sbp_cfg
+        dense = sorted(set((sbp or {}).get('overrides') or {}) - set(convs))
+        if dense:
+            raise ValueError(f'{self.sbp_name}: sbp.overrides sets {dense}, which run densely '
+                             f'(sbp.convs={tuple(convs)!r}); add them to sbp.convs or drop '
+                             'their settings')
+        for group in convs:
+            for i, module in enumerate(getattr(self, CONV_GROUPS[group])):
+                self.sbp_adopt(module, (SBPConvModule,), f'{CONV_GROUPS[group]}.{i}', group)
 
     def _conv_groups(self, convs: Sequence[str]) -> Tuple[str, ...]:
         """The attribute names of the conv groups ``sbp.convs`` asks SBP on."""
@@ -88,17 +86,6 @@ class FPNSBP(SBPModuleMixin, FPN):
             raise ValueError(f'{self.sbp_name}: sbp.convs must be a non-empty sequence of '
                              f'{tuple(CONV_GROUPS)}, got {convs!r} (for a dense neck use FPN)')
         return tuple(CONV_GROUPS[c] for c in CONV_GROUPS if c in convs)
-
-    def _exact_input_groups(self, exact: Union[bool, Sequence[str]],
-                            convs: Sequence[str]) -> Tuple[str, ...]:
-        """The attribute names of the groups ``sbp.exact_input_grad`` names."""
-        if isinstance(exact, bool):
-            exact = tuple(convs) if exact else ()
-        if isinstance(exact, str) or not all(c in convs for c in exact):
-            raise ValueError(f'{self.sbp_name}: sbp.exact_input_grad must be True, False or a '
-                             f'sequence of conv groups that sbp.convs={tuple(convs)!r} puts '
-                             f'in SBP, got {exact!r}')
-        return tuple(CONV_GROUPS[c] for c in exact)
 
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
         if not self.sbp_training():
@@ -110,7 +97,11 @@ class FPNSBP(SBPModuleMixin, FPN):
 
     def _mask(self, inputs: Sequence[Tensor]) -> Tuple[SBPIteration, List[int]]:
         """The iteration and input strides: the backbone's, or its own mask."""
-        if self.own_mask and not isinstance(inputs, SBPFeatures):
+        if self.own_mask:
+            if isinstance(inputs, SBPFeatures):
+                raise ValueError(f'{self.sbp_name}: sbp.own_mask=True, but its inputs carry the '
+                                 "mask of an SBP backbone, which the neck follows: drop own_mask "
+                                 "and its mask keys (set them in the backbone's sbp)")
             strides = [2**i for i in range(len(inputs))]
             top = strides[self.backbone_end_level - 1]
             return self.sbp_draw(inputs[0].shape[2], top, batch_size=inputs[0].shape[0]), strides
