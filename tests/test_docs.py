@@ -210,7 +210,8 @@ def test_readme_key_table_names_every_allowed_value():
     overrides = table['overrides']['meaning']
     assert "`'layer1'`" in overrides and "`'stage0'`" in overrides
     assert 'layer1' in build('ResNetSBP').sbp_settings.groups
-    assert 'stage0' in build('ConvNeXtSBP').sbp_settings.groups
+    for type_name in ('ConvNeXtSBP', 'SwinTransformerSBP'):
+        assert 'stage0' in build(type_name).sbp_settings.groups, type_name
 
 
 def check_sbp_example(settings: dict) -> None:

@@ -122,17 +122,32 @@ def test_forward_is_swin_and_gradients_equal_the_reference(size, sbp):
 
 
 @pytest.mark.parametrize('kwargs', [
-    dict(with_cp=True),  # the attention branch checkpointed, the MLP recomputed on kept rows
+    # SBP blocks checkpointed whole (the MLP recomputed on kept rows), the last stage by mmdet
+    dict(with_cp=True, sbp=dict(recompute=True)),
     dict(frozen_stages=1, sbp=dict(stages=[False, True, True, False])),
     dict(drop_path_rate=0.0, patch_norm=False),
-    dict(with_cp=True, sbp=dict(attention=False)),
+    dict(with_cp=True, sbp=dict(attention=False, recompute=True)),
     dict(sbp=dict(recompute=True)),
+    dict(with_cp=True),  # SBP blocks store their kept rows, the dense ones are checkpointed
     dict(sbp=dict(blocks=[[True, False], [False, True], [True, True], [False, False]])),
     dict(qkv_bias=False, window_size=4),
 ], ids=['with_cp', 'frozen', 'no_droppath_no_patch_norm', 'with_cp_dense_attention',
-        'recompute', 'blocks', 'no_qkv_bias_window_4'])
+        'recompute', 'with_cp_alone', 'blocks', 'no_qkv_bias_window_4'])
 def test_variants_equal_the_reference(kwargs):
     model, dense = swin_pair(**kwargs)
+    assert_swin_matches_reference(model, dense, torch.rand(2, 3, 93, 77))
+
+
+def test_overrides_set_the_layer_keys_per_stage():
+    """``overrides`` per stage (``stage0``, ...); the patch merging in front of
+    a stage (mmdet's ``stages[i - 1].downsample``) takes that stage's."""
+    model, dense = swin_pair(dict(overrides=dict(stage1=dict(recompute=True))))
+    recompute = {layer.sbp_where[len('SwinTransformerSBP.'):]: layer.sbp_cfg.recompute
+                 for layer in model.sbp_adopted}
+    assert recompute == {'stages.0.blocks.0': False, 'stages.0.blocks.1': False,
+                         'stages.0.downsample': True, 'stages.1.blocks.0': True,
+                         'stages.1.blocks.1': True, 'stages.1.downsample': False,
+                         'stages.2.blocks.0': False, 'stages.2.blocks.1': False}
     assert_swin_matches_reference(model, dense, torch.rand(2, 3, 93, 77))
 
 
@@ -231,14 +246,20 @@ def test_each_sbp_part_saves_memory():
     assert saved[3] < saved[2] < saved[1]
 
 
-def test_with_cp_stores_no_more_than_mmdets_checkpointing():
-    """SBP blocks with ``with_cp`` store their input alone, as mmdet's
-    checkpointing does; SBP's patch merging stores less than the dense one."""
+def test_with_cp_and_recompute_store_no_more_than_mmdets_checkpointing():
+    """SBP blocks with ``sbp.recompute`` store their input alone, as mmdet's
+    checkpointing does; SBP's patch merging stores less than the dense one.
+    ``with_cp`` alone checkpoints the dense blocks only, and warns."""
     x = torch.rand(2, 3, 224, 224)
     sbp = saved_bytes(swin_pair()[0], x)
-    both = saved_bytes(swin_pair(with_cp=True)[0], x)
+    both = saved_bytes(swin_pair(dict(recompute=True), with_cp=True)[0], x)
     checkpointing = saved_bytes(swin_pair(dict(keep_ratio=1.0), with_cp=True)[0], x)
     assert both < checkpointing and both < sbp
+    with pytest.warns(UserWarning, match=r'SwinTransformerSBP: with_cp=True checkpoints the '
+                                         r'blocks that run densely; the SBP blocks '
+                                         r'\(SwinTransformerSBP\.stages\.0\.'):
+        model = swin_pair(with_cp=True)[0]
+    assert both < saved_bytes(model, x) < sbp  # the last stage checkpointed, the SBP ones not
 
 
 def test_dropout_in_sbp_blocks_is_refused_naming_the_block():

@@ -10,9 +10,8 @@ from mmdet.registry import MODELS
 from torch import Tensor, nn
 
 from ...sbp import (Add, ChannelsLast, DropPath, IdentityMix, LinearMix, SBPBackboneMixin,
-                    SBPProgram, SBPState, UnfoldMix, Unit)
-from ...sbp.module import stage_switches
-from ...sbp.tracing import check_layer_not_traced
+                    SBPLayerMixin, SBPProgram, UnfoldMix, Unit)
+from ...sbp.module import stage_switches, warn_with_cp_without_recompute
 
 HWShape = Tuple[int, int]
 
@@ -28,27 +27,27 @@ def map_tokens(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
-class _SBPTokenLayerMixin:
-    """Runs a token layer (``forward(x, hw_shape)`` on ``(B, H * W, C)``
-    tokens) with SBP while ``sbp_state`` is set (``sbp_forward``), else as its
-    parent class does. Its program runs on the ``(B, C, H, W)`` view of the
-    tokens, whose rows the mask keeps."""
+class _SBPTokenLayerMixin(SBPLayerMixin):
+    """An SBP layer on ``(B, H * W, C)`` tokens, called as ``forward(x, hw_shape)``.
 
-    sbp_state: Optional[SBPState] = None
-    sbp_where: str = ''
-    with_cp: bool = False
+    ``SBPLayerMixin.forward`` runs the program on its input as it comes; a
+    token layer's program runs on the ``(B, C, H, W)`` view of the tokens
+    (whose rows the mask keeps), which needs ``hw_shape``, and the layer
+    returns what its mmdet class returns (tokens; ``PatchMerging`` also the
+    output shape). Hence this one forward override: densely it is the
+    mixin's (the mmdet class's forward), with ``sbp_state`` set it is
+    ``sbp_token_forward``, which runs ``sbp_program()`` with ``sbp_state``
+    and ``sbp_cfg``.
+    """
 
-    def sbp_program(self) -> SBPProgram:
-        raise NotImplementedError
-
-    def sbp_forward(self, x: Tensor, hw_shape: HWShape):
+    def sbp_token_forward(self, x: Tensor, hw_shape: HWShape):
+        """The layer's SBP forward on tokens ``x`` of grid ``hw_shape``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, hw_shape: HWShape):
         if self.sbp_state is None:
-            check_layer_not_traced(self)  # torch.fx would record the dense path
             return super().forward(x, hw_shape)
-        return self.sbp_forward(x, hw_shape)
+        return self.sbp_token_forward(x, hw_shape)
 
 
 def _no_dropout(module: nn.Module, where: str, rate: str) -> None:
@@ -176,6 +175,25 @@ def _kept_queries(msa: SBPWindowMSA, keep: Optional[Tensor]) -> Iterator[None]:
         msa.sbp_keep = None
 
 
+def kept_query_attention(block: nn.Module, where: str) -> None:
+    """Make the window attention of SBP block ``block`` an ``SBPWindowMSA``,
+    in place (same parameters and ``state_dict`` keys).
+
+    It is no SBP layer (``adopt``): it runs no program and gets no state from
+    the backbone; its block hands it the kept queries for one call.
+
+    Raises:
+        TypeError: for another attention class, or attention dropout, naming
+            ``where``.
+    """
+    msa = block.attn.w_msa
+    if type(msa) is not WindowMSA:
+        raise TypeError(f'{where}.attn.w_msa: SBP attention supports mmdet\'s WindowMSA, got '
+                        f'{type(msa).__qualname__}; set sbp.attention=False')
+    _no_dropout(msa.attn_drop, f'{where}.attn', 'attn_drop_rate (or sbp.attention=False)')
+    msa.__class__ = SBPWindowMSA
+
+
 class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
     """``SwinBlock`` whose MLP branch runs with SBP; the attention branch
     (``norm1``, shifted-window attention, DropPath, residual add) computes
@@ -185,20 +203,20 @@ class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
     stored: re-run from the kept rows of its input), ``fc1`` and GELU, ``fc2``,
     layer scale, DropPath and the residual add. It stores its input and the
     outputs of ``fc1`` and ``fc2`` (the latter only under DropPath) at the
-    kept rows. With ``with_cp`` or ``sbp.recompute`` the block stores its
-    input alone, as mmdet's checkpointing does, and re-runs in backward (the
-    MLP's backward on the kept rows).
+    kept rows. With ``sbp.recompute`` the block stores its input alone, as
+    mmdet's checkpointing does, and re-runs in backward (the MLP's backward
+    on the kept rows); its ``with_cp`` checkpoints it only where it runs
+    densely (mmdet's forward).
 
-    With ``sbp_attention``, the window attention stores its queries,
-    attention probabilities and output projection input at the kept rows only
+    With its window attention made an ``SBPWindowMSA``
+    (``kept_query_attention``), the attention stores its queries, attention
+    probabilities and output projection input at the kept rows only
     (``_KeptQueryAttention``): the MLP units pass no gradient to dropped rows,
     so dropped queries get none either, and the gradients are those of the
     dense attention.
     """
 
-    sbp_attention: bool = False
-
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         where, ffn = self.sbp_where, self.ffn
         if ffn.num_fcs != 2 or not ffn.add_identity:
             raise TypeError(f'{where}: SBP supports the FFN of two linear layers with its '
@@ -217,19 +235,19 @@ class SBPSwinBlock(_SBPTokenLayerMixin, SwinBlock):
                  tail + (Add('input'),)),
         ], where=where)
 
-    def sbp_forward(self, x: Tensor, hw_shape: HWShape) -> Tensor:
-        state, program = self.sbp_state, self.sbp_program()
+    def sbp_token_forward(self, x: Tensor, hw_shape: HWShape) -> Tensor:
+        state, program, cfg = self.sbp_state, self.sbp_program(), self.sbp_cfg
         keep = None
-        if self.sbp_attention:
+        if isinstance(self.attn.w_msa, SBPWindowMSA):
             rows = state.iteration.kept_rows(state.stride, hw_shape[0])
             keep = window_keep(self.attn, rows, x.shape[0], hw_shape)
 
         def block(x: Tensor) -> Tensor:  # also re-run by checkpointing, once sbp_state is unset
             with _kept_queries(self.attn.w_msa, keep):
                 x = self.attn(self.norm1(x), hw_shape) + x  # as SwinBlock: attn + identity
-            return map_tokens(state.run(program, token_map(x, hw_shape)))
+            return map_tokens(state.run(program, token_map(x, hw_shape), cfg))
 
-        if (self.with_cp or state.cfg.recompute) and x.requires_grad:
+        if cfg.recompute and x.requires_grad:
             return cp.checkpoint(block, x, use_reentrant=True)  # mmdet's checkpointing mode
         return block(x)
 
@@ -241,7 +259,7 @@ class SBPPatchMerging(_SBPTokenLayerMixin, PatchMerging):
     else: backward re-runs the unfold and the norm from them (dense, it stores
     the norm's input and output, twice the input)."""
 
-    def sbp_program(self) -> SBPProgram:
+    def build_sbp_program(self) -> SBPProgram:
         where, sampler = self.sbp_where, self.sampler
         if (sampler.kernel_size, sampler.stride, sampler.dilation, sampler.padding) != (
                 (2, 2), (2, 2), (1, 1), (0, 0)) or (
@@ -254,11 +272,11 @@ class SBPPatchMerging(_SBPTokenLayerMixin, PatchMerging):
             Unit('reduction', 'sampler', LinearMix(self.reduction, where=f'{where}.reduction')),
         ], where=where)
 
-    def sbp_forward(self, x: Tensor, hw_shape: HWShape) -> Tuple[Tensor, HWShape]:
+    def sbp_token_forward(self, x: Tensor, hw_shape: HWShape) -> Tuple[Tensor, HWShape]:
         x = token_map(x, hw_shape)
         if self.adap_padding is not None:  # pads bottom and right to even sizes
             x = self.adap_padding(x)
-        out = self.sbp_state.run(self.sbp_program(), x)
+        out = self.sbp_state.run(self.sbp_program(), x, self.sbp_cfg)
         return map_tokens(out), tuple(out.shape[2:])
 
 
@@ -278,15 +296,19 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
     (``SBPPatchMerging``). The mask is the detector's base mask, at each
     stage's stride. SBP is off in eval mode and under ``torch.no_grad()``.
     The modules keep their parameters and ``state_dict`` keys; only their
-    class is swapped for an SBP subclass. The patch embedding and the output
-    norms run densely.
+    class is swapped for an SBP subclass (``sbp_adopt``). The patch embedding
+    and the output norms run densely.
 
     Args:
         sbp (dict, optional): SBP settings. Keys: ``keep_ratio``,
             ``sampling``, ``per_image``, ``grid_cell``, ``grad_scale``,
             ``recompute`` (as ``ResNetSBP``; on a block: store its input
-            alone and re-run it in backward, as ``with_cp``),
+            alone and re-run it in backward; the blocks' ``with_cp``
+            checkpoints only the blocks that run densely),
             ``exact_input_grad`` (refused: no BatchNorm convolutions),
+            ``overrides`` (per-stage layer keys, the stages named ``stage0``,
+            ``stage1``, ...; the patch merging in front of stage ``i``,
+            mmdet's ``stages[i - 1].downsample``, takes stage ``i``'s),
             ``stages`` (Sequence[bool]) or ``blocks``
             (Sequence[Sequence[bool]]): SBP per stage or per block (default:
             every stage but the last, skipping frozen stages, the paper's
@@ -306,11 +328,11 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
             ``exact_input_grad``), naming the layer.
     """
 
-    sbp_extra_keys = ('stages', 'blocks', 'downsample', 'attention')
-
     def __init__(self, *args, sbp: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extra = self.init_sbp(sbp, self.sbp_extra_keys)
+        extra = self.init_sbp(sbp, draws_mask=True,
+                              groups=[f'stage{i}' for i in range(len(self.stages))],
+                              extra_keys=('stages', 'blocks', 'downsample', 'attention'))
         patch_stride = self.patch_embed.projection.stride[0]
         self.stage_strides = [patch_stride]
         for stage in self.stages[:-1]:
@@ -318,44 +340,32 @@ class SwinTransformerSBP(SBPBackboneMixin, SwinTransformer):
         depths = [len(stage.blocks) for stage in self.stages]
         self.sbp_blocks = stage_switches(self.sbp_name, depths, self.frozen_stages,
                                          extra.get('stages'), extra.get('blocks'))
+        for key in ('downsample', 'attention'):
+            if not isinstance(extra.get(key, True), bool):
+                raise ValueError(f'{self.sbp_name}: sbp.{key} must be True or False, '
+                                 f'got {extra[key]!r}')
         self.sbp_downsample = extra.get('downsample', True)
-        if not isinstance(self.sbp_downsample, bool):
-            raise ValueError(f'{self.sbp_name}: sbp.downsample must be True or False, '
-                             f'got {self.sbp_downsample!r}')
         self.sbp_attention = extra.get('attention', True)
-        if not isinstance(self.sbp_attention, bool):
-            raise ValueError(f'{self.sbp_name}: sbp.attention must be True or False, '
-                             f'got {self.sbp_attention!r}')
-        self._make_sbp_layers()
-        self.sbp_layer_inputs = self._sbp_layer_inputs()
-        self.sbp_check_layers()
+        self.sbp_layer_inputs = self._adopt_sbp_layers()
+        warn_with_cp_without_recompute(self)
         sbp_strides = [self.stage_strides[i] for i, s in enumerate(self.sbp_blocks) if any(s)]
         self.sbp_base_stride = max(sbp_strides, default=patch_stride)
 
-    def _make_sbp_layers(self) -> None:
-        """Give the blocks and patch merging layers their SBP classes (same
-        modules and parameters: only the forward changes)."""
-        for i, stage in enumerate(self.stages):
-            for j, block in enumerate(stage.blocks):
-                block.__class__ = SBPSwinBlock
-                block.attn.w_msa.__class__ = SBPWindowMSA
-                block.sbp_where = f'{self.sbp_name}.stages.{i}.blocks.{j}'
-            if stage.downsample is not None:
-                stage.downsample.__class__ = SBPPatchMerging
-                stage.downsample.sbp_where = f'{self.sbp_name}.stages.{i}.downsample'
-
-    def _sbp_layer_inputs(self) -> List[Tuple[nn.Module, int]]:
-        """``(layer, input stride)`` of the layers that run with SBP."""
+    def _adopt_sbp_layers(self) -> List[Tuple[nn.Module, int]]:
+        """Make the blocks and patch merging layers that run with SBP SBP
+        layers (``sbp_adopt``); their ``(layer, input stride)``."""
         layers = []
         for i, switches in enumerate(self.sbp_blocks):
-            for block, on in zip(self.stages[i].blocks, switches):
-                if on:
-                    layers.append((block, self.stage_strides[i]))
-                    block.sbp_attention = self.sbp_attention
-                    if self.sbp_attention:
-                        _no_dropout(block.attn.w_msa.attn_drop, f'{block.sbp_where}.attn',
-                                    'attn_drop_rate (or sbp.attention=False)')
+            group = f'stage{i}'
             # the patch merging in front of stage i ends stage i - 1 (frozen with it)
             if self.sbp_downsample and switches[0] and i > max(self.frozen_stages, 0):
-                layers.append((self.stages[i - 1].downsample, self.stage_strides[i - 1]))
+                merging = self.sbp_adopt(self.stages[i - 1].downsample, (SBPPatchMerging,),
+                                         f'stages.{i - 1}.downsample', group)
+                layers.append((merging, self.stage_strides[i - 1]))
+            for j, (block, on) in enumerate(zip(self.stages[i].blocks, switches)):
+                if on:
+                    self.sbp_adopt(block, (SBPSwinBlock,), f'stages.{i}.blocks.{j}', group)
+                    if self.sbp_attention:
+                        kept_query_attention(block, block.sbp_where)
+                    layers.append((block, self.stage_strides[i]))
         return layers
