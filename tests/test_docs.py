@@ -42,11 +42,13 @@ TINY_ARGS = {
     'RegNetSBP': dict(arch='regnetx_400mf'),
     'Res2NetSBP': dict(depth=50, scales=2, base_width=4),
     'ConvNeXtSBP': TINY_CONVNEXT,
+    'SwinTransformerSBP': dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
     'FPNSBP': dict(in_channels=[8, 16, 32, 64], out_channels=8, num_outs=5),
     'RPNHeadSBP': dict(in_channels=8, feat_channels=8),
     'RetinaHeadSBP': dict(num_classes=4, in_channels=8, feat_channels=8, stacked_convs=1),
 }
-BACKBONES = ('ResNetSBP', 'ResNetV1dSBP', 'ResNeXtSBP', 'RegNetSBP', 'Res2NetSBP', 'ConvNeXtSBP')
+BACKBONES = ('ResNetSBP', 'ResNetV1dSBP', 'ResNeXtSBP', 'RegNetSBP', 'Res2NetSBP', 'ConvNeXtSBP',
+             'SwinTransformerSBP')
 
 
 def build(type_name: str, sbp=None, **kwargs):
@@ -208,7 +210,8 @@ def test_readme_key_table_names_every_allowed_value():
     overrides = table['overrides']['meaning']
     assert "`'layer1'`" in overrides and "`'stage0'`" in overrides
     assert 'layer1' in build('ResNetSBP').sbp_settings.groups
-    assert 'stage0' in build('ConvNeXtSBP').sbp_settings.groups
+    for type_name in ('ConvNeXtSBP', 'SwinTransformerSBP'):
+        assert 'stage0' in build(type_name).sbp_settings.groups, type_name
 
 
 def check_sbp_example(settings: dict) -> None:

@@ -9,7 +9,7 @@ from mmdet.models.backbones.resnet import BasicBlock
 from torch import nn
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.models import ConvNeXtSBP, ResNetSBP, RPNHeadSBP, SBPConvModule
+from sbp_mmdet.models import ConvNeXtSBP, ResNetSBP, RPNHeadSBP, SBPConvModule, SwinTransformerSBP
 from sbp_mmdet.models.backbones import SBPBasicBlock
 from sbp_mmdet.sbp import SBPLayerMixin, SBPProgram
 from sbp_mmdet.sbp.layer import adopt
@@ -118,5 +118,10 @@ def test_every_sbp_layer_class_is_a_named_module_attribute():
     """Models pickle and classes are found by name: no classes made at run time."""
     model = build_detector(faster_rcnn_cfg(True))
     layers = sbp_layers(model) + sbp_layers(ConvNeXtSBP(arch='atto', gap_before_final_norm=False))
+    swin = SwinTransformerSBP(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    layers += sbp_layers(swin) + [block.attn.w_msa for block, _ in swin.sbp_layer_inputs
+                                  if hasattr(block, 'attn')]
+    assert {type(m).__name__ for m in layers} >= {'SBPSwinBlock', 'SBPPatchMerging',
+                                                  'SBPWindowMSA'}
     for cls in {type(m) for m in layers}:
         assert getattr(sys.modules[cls.__module__], cls.__qualname__) is cls

@@ -4,14 +4,15 @@ import copy
 import pytest
 import torch
 from mmcv.cnn.bricks import DropPath as MMCVDropPath
+from mmcv.cnn.bricks import Linear as MMCVLinear
 from torch import nn
 
 from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale,
-                           LinearMix, RowLocal, SavedTensorMeter, SBPProgram, Unit, relu)
+                           LinearMix, RowLocal, SavedTensorMeter, SBPProgram, UnfoldMix, Unit, relu)
 
 from sbp_builders import random_bn
-from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, backward_both, compare,
-                           iteration, reference_program, run_three_ways)
+from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, assert_same, backward_both,
+                           compare, iteration, reference_program, run_three_ways)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -220,6 +221,51 @@ def test_linear_mix_stores_its_output_at_kept_rows_and_backward_reruns_no_linear
 def test_linear_mix_takes_plain_linear_layers_only():
     with pytest.raises(TypeError, match='pw: LinearMix supports nn.Linear, got Conv2d'):
         LinearMix(nn.Conv2d(4, 4, 1), where='pw')
+
+    class ScaledLinear(nn.Linear):  # a subclass with its own forward
+        pass
+    with pytest.raises(TypeError, match='pw: LinearMix supports nn.Linear, got ScaledLinear'):
+        LinearMix(ScaledLinear(4, 4), where='pw')
+    LinearMix(MMCVLinear(4, 4))  # mmcv's FFN layers: nn.Linear that accepts empty inputs
+
+
+class PatchMerging(nn.Module):
+    """2x2 patches, a norm and a linear reduction (mmdet's ``PatchMerging`` on a map)."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * channels)
+        self.reduction = nn.Linear(4 * channels, 2 * channels, bias=False)
+
+    def sbp_program(self):
+        return SBPProgram([Unit('unfold', 'input', UnfoldMix(2), (ChannelsLast(self.norm),)),
+                           Unit('reduction', 'unfold', LinearMix(self.reduction))])
+
+
+@pytest.mark.parametrize('mask', ['grid', 'random'])
+@pytest.mark.parametrize('recompute', [False, True])
+def test_unfold_mix_patch_merging_equals_the_reference(mask, recompute):
+    # 80 rows at stride 2: 40 output rows at stride 4 under the 10-row base mask
+    assert_same(*compare(PatchMerging, PatchMerging.sbp_program, (2, 4, 80, 10), MASKS[mask],
+                         stride=2, recompute=recompute))
+
+
+def test_unfold_mix_stores_only_the_input_rows_under_kept_outputs():
+    """Merging stores the input's rows under the kept output rows (two per kept
+    row) and nothing else: backward re-runs the unfold and the norm from them."""
+    block, x = PatchMerging(), torch.randn(2, 4, 80, 10, requires_grad=True)
+    meter = SavedTensorMeter(block)
+    with meter.measure():
+        block.sbp_program()(x, iteration(MASKS['grid']), 2)
+    kept = 20  # of 40 output rows
+    assert meter.total_bytes == 4 * x.numel() * (2 * kept) // 80
+
+
+def test_unfold_mix_is_nn_unfold_and_refuses_odd_maps():
+    x = torch.randn(2, 3, 6, 4)
+    assert torch.equal(UnfoldMix(2).forward(x).flatten(2), nn.Unfold(2, stride=2)(x))
+    with pytest.raises(ValueError, match='5x4 map is not a multiple of the 2x2 patches'):
+        UnfoldMix(2).forward(x[:, :, :5])
 
 
 def test_a_tail_conv_must_be_row_local():

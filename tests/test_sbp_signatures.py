@@ -7,21 +7,21 @@ from typing import List, Sequence
 import pytest
 import torch
 from mmcv.cnn import ConvModule
-from mmdet.models.backbones import RegNet, Res2Net, ResNet, ResNetV1d, ResNeXt
+from mmdet.models.backbones import RegNet, Res2Net, ResNet, ResNetV1d, ResNeXt, SwinTransformer
 from mmdet.models.dense_heads import RetinaHead, RPNHead
 from mmdet.models.necks import FPN
 from torch import Tensor, nn
 
 from sbp_mmdet.models import (FPNSBP, ConvNeXtSBP, RegNetSBP, Res2NetSBP, ResNetSBP, ResNetV1dSBP,
-                              ResNeXtSBP, RetinaHeadSBP, RPNHeadSBP)
+                              ResNeXtSBP, RetinaHeadSBP, RPNHeadSBP, SwinTransformerSBP)
 from sbp_mmdet.models.backbones.mmpretrain_convnext import ConvNeXt
 from sbp_mmdet.models.layers import SBPConvModule
 from sbp_mmdet.sbp import SBPFeatures
 
 SBP_CLASSES = {  # SBP class -> the class it adds SBP to
     ResNetSBP: ResNet, ResNetV1dSBP: ResNetV1d, ResNeXtSBP: ResNeXt, RegNetSBP: RegNet,
-    Res2NetSBP: Res2Net, ConvNeXtSBP: ConvNeXt, FPNSBP: FPN, RPNHeadSBP: RPNHead,
-    RetinaHeadSBP: RetinaHead,
+    Res2NetSBP: Res2Net, ConvNeXtSBP: ConvNeXt, SwinTransformerSBP: SwinTransformer, FPNSBP: FPN,
+    RPNHeadSBP: RPNHead, RetinaHeadSBP: RetinaHead,
 }
 CLASS_IDS = [cls.__name__ for cls in SBP_CLASSES]
 
@@ -112,6 +112,13 @@ BACKBONE_FORMS = [
     (RegNetSBP, RegNet, ('regnetx_400mf', 3, 16, 16), {}),  # arch, in/stem/base channels
     (ConvNeXtSBP, ConvNeXt, (dict(depths=[1, 1, 2, 1], channels=[8, 16, 24, 32]),),
      dict(out_indices=(0, 1, 2, 3), gap_before_final_norm=False)),
+    # pretrain_img_size, in_channels, embed_dims, patch_size, window_size (no DropPath: the
+    # two modules draw from one generator in turn)
+    (SwinTransformerSBP, SwinTransformer, (224, 3, 16, 4, 7),
+     dict(depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), drop_path_rate=0.0)),
+    (SwinTransformerSBP, SwinTransformer, (224, 3, 16), dict(
+        depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), drop_path_rate=0.0, with_cp=True,
+        frozen_stages=1)),
 ]
 
 

@@ -9,6 +9,7 @@ SBP_BACKBONES: Dict[str, str] = {
     'RegNet': 'RegNetSBP',
     'Res2Net': 'Res2NetSBP',
     'ConvNeXt': 'ConvNeXtSBP',  # mmpretrain's (type='mmpretrain.ConvNeXt' in mmdet configs)
+    'SwinTransformer': 'SwinTransformerSBP',
 }
 
 

@@ -10,7 +10,7 @@
 - ``rows``: convolutions at a subset of output rows (bands with halos).
 - ``norm``: BatchNorm at packed rows with full-map statistics.
 - ``ops``: what a unit is made of: a row-mixing op (a conv, an average
-  pool, a channel linear layer, or none) and a tail of row-local ops
+  pool, a channel linear layer, non-overlapping patches, or none) and a tail of row-local ops
   (norms, activations, 1x1 convs, adds, channel slices and concatenations,
   layer scale, DropPath).
 - ``program``: SBP units and the autograd function that runs a block of them
@@ -36,7 +36,7 @@ from .memory import SavedTensorMeter
 from .module import SBPBackboneMixin, SBPModuleMixin
 from .norm import BatchNorm
 from .ops import (Add, ChannelsLast, ChannelSlice, Concat, ConvMix, DropPath, IdentityMix,
-                  LayerScale, LinearMix, PoolMix, RowLocal, TailOp, relu)
+                  LayerScale, LinearMix, PoolMix, RowLocal, TailOp, UnfoldMix, relu)
 from .policies import (MASK_POLICIES, MaskPolicy, MaskRequest, fill_to_equal_counts,
                        register_mask_policy)
 from .program import SBPProgram, Unit, conv_unit
@@ -48,5 +48,5 @@ __all__ = ['MaskConfig', 'LayerConfig', 'SBPSettings', 'parse_sbp', 'SBPLayerMix
            'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin',
            'SBPBackboneMixin', 'SBPTracingError', 'ConvMix', 'LinearMix',
-           'PoolMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
+           'PoolMix', 'UnfoldMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
            'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

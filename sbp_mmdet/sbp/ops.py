@@ -5,6 +5,7 @@ A unit is one *row-mixing* op followed by a *tail* of row-local ops:
 - the row-mixing op (``ConvMix``: any ``nn.Conv2d``, whatever its kernel,
   stride, dilation or groups; ``PoolMix``: any ``nn.AvgPool2d``;
   ``LinearMix``: a channel ``nn.Linear``, stored rather than re-run;
+  ``UnfoldMix``: non-overlapping patches, ``nn.Unfold``;
   ``IdentityMix``: none) says which input rows
   its output rows read (its halo, ``reads``) and runs forward and backward on
   packed rows (``rows.py``). Row sets are ``(R,)``, shared by the batch, or
@@ -165,6 +166,15 @@ def _pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: boo
     return out
 
 
+# subclasses of nn.Linear that compute F.linear unchanged (named, not imported: the engine
+# imports nothing from mmcv)
+_LINEAR_WRAPPERS = ('mmcv.cnn.bricks.wrappers.Linear',)
+
+
+def _qualname(cls: type) -> str:
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
 class LinearMix:
     """A channel ``nn.Linear`` on an ``(N, C, H, W)`` map as the leading op of a
     unit (ConvNeXt's pointwise layers with ``linear_pw_conv=True``).
@@ -177,7 +187,8 @@ class LinearMix:
     block's.
 
     Args:
-        linear: a plain ``nn.Linear``.
+        linear: a plain ``nn.Linear``, or mmcv's ``Linear`` (the same layer,
+            which also accepts empty inputs: mmcv's FFN, mmdet's Swin).
         where: the layer's name, for errors.
     """
 
@@ -185,7 +196,7 @@ class LinearMix:
     geometry = NO_HALO
 
     def __init__(self, linear: nn.Linear, where: str = 'linear') -> None:
-        if type(linear) is not nn.Linear:
+        if type(linear) is not nn.Linear and _qualname(type(linear)) not in _LINEAR_WRAPPERS:
             raise TypeError(f'{where}: LinearMix supports nn.Linear, got {type(linear).__name__}')
         self.linear = linear
 
@@ -222,6 +233,61 @@ class LinearMix:
             data = grad_2d.mm(weight.to(x.dtype)).reshape(n, num_rows, width, -1)
             grad_in = Packed(data.permute(0, 3, 1, 2), out_rows, src.height)
         return grad_in, [grad_w, grad_b]
+
+
+class UnfoldMix:
+    """Non-overlapping ``k x k`` patches (``nn.Unfold(k, stride=k)``) as the
+    row-mixing op of a unit (mmdet's ``PatchMerging``): output channel
+    ``c * k * k + i * k + j`` at ``(y, x)`` is input channel ``c`` at
+    ``(k * y + i, k * x + j)``. The map's height and width must be multiples
+    of ``k`` (pad before it, as ``PatchMerging``'s corner padding does).
+
+    A rearrangement: it stores nothing (the tail re-runs from the input rows
+    under the kept output rows) and its backward reads no values.
+
+    Args:
+        kernel: the patch size ``k``.
+    """
+
+    stores = False
+
+    def __init__(self, kernel: int) -> None:
+        self.kernel = kernel
+        self.geometry = RowGeometry(kernel=kernel, stride=kernel, padding=0, dilation=1)
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return []
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, height, width = x.shape
+        k = self.kernel
+        if height % k or width % k:
+            raise ValueError(f'UnfoldMix: a {height}x{width} map is not a multiple of the '
+                             f'{k}x{k} patches; pad it first')
+        return F.unfold(x, k, stride=k).view(n, c * k * k, height // k, width // k)
+
+    reference = forward
+
+    def reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        """Rows ``k * r .. k * r + k - 1`` of each output row ``r``, in order."""
+        return (out_rows.unsqueeze(-1) * self.kernel + torch.arange(self.kernel)).flatten(-2)
+
+    def backward_reads(self, out_rows: Tensor, in_height: int) -> Tensor:
+        return out_rows[..., :0]  # no rows, shared or per image like ``out_rows``
+
+    def rows(self, src: Packed, out_rows: Tensor) -> Tensor:
+        return self.forward(src.take(self.reads(out_rows, src.height)))
+
+    def backward(self, src: Optional[Packed], out_rows: Tensor, grad: Tensor,
+                 need_input: bool, kept_input: bool = False
+                 ) -> Tuple[Optional[Packed], ParamGrads]:
+        if not need_input:
+            return None, []
+        n, _, num_rows, width = grad.shape
+        k = self.kernel
+        data = grad.reshape(n, -1, k, k, num_rows, width).permute(0, 1, 4, 2, 5, 3)
+        data = data.reshape(n, -1, num_rows * k, width * k)
+        return Packed(data, self.reads(out_rows, -1), height=-1), []  # rows and data only
 
 
 class IdentityMix:
@@ -463,4 +529,4 @@ def is_relu(op: TailOp) -> bool:
                                          or type(op.fn) is nn.ReLU)
 
 
-Mix = Union[ConvMix, PoolMix, IdentityMix]
+Mix = Union[ConvMix, PoolMix, LinearMix, UnfoldMix, IdentityMix]
