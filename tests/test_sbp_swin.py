@@ -11,9 +11,10 @@ from mmengine.config import Config
 from torch import Tensor
 
 import sbp_mmdet  # noqa: F401
-from sbp_mmdet.benchmark import Variant
+from sbp_mmdet.benchmark import variant_model
 from sbp_mmdet.models import FPNSBP, SwinTransformerSBP
 from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
+from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import REPO
 from sbp_reference import assert_grads_match, masked, row_mask, total_loss
@@ -310,7 +311,7 @@ def test_configs_swap_only_the_sbp_keys_of_mmdets_swin_configs(name):
 def tiny_detector_cfg(name: str, sbp: bool) -> dict:
     """The config's detector on a tiny Swin; without SBP, mmdet's types."""
     cfg = Config.fromfile(str(REPO / 'configs' / CONFIGS[name][0])).model
-    cfg = Variant.parse('sbp@0.5' if sbp else 'dense').apply(cfg)
+    cfg = variant_model(cfg, parse_variant('sbp@0.5' if sbp else 'dense'))
     cfg.backbone.update(TINY)
     channels = [32 * 2**i for i in range(4)]
     cfg.neck.update(in_channels=[channels[i] for i in cfg.backbone.out_indices], out_channels=16)

@@ -2,6 +2,7 @@
 import copy
 from typing import Any, Mapping, Optional
 
+import torch
 from mmdet.registry import MODELS
 
 from .sbp_types import is_sbp_backbone, no_sbp_backbone_message, type_name
@@ -41,7 +42,8 @@ def sbp_model_problem(model_cfg: Mapping) -> Optional[str]:
     for module_cfg in (backbone if sbp_backbone else None, neck if _is(neck, 'FPNSBP') else None):
         if module_cfg is not None:
             try:
-                MODELS.build(copy.deepcopy(dict(module_cfg)))
+                with torch.random.fork_rng(devices=[]):  # the runs' initial weights stay as seeded
+                    MODELS.build(copy.deepcopy(dict(module_cfg)))
             except (KeyError, TypeError, ValueError) as err:  # what the runner would raise
                 if 'required positional argument' not in str(err):  # a partial model config
                     return str(err.args[0])
