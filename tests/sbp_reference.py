@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sbp_mmdet.sbp import BatchNorm, SBPIteration, SBPProgram
+from sbp_mmdet.sbp import BatchNorm, SBPFeatures, SBPIteration, SBPProgram
 from sbp_mmdet.sbp.program import INPUT
 
 # base masks of 10 rows (a 160-pixel-high input at base stride 16)
@@ -309,3 +309,19 @@ def run_three_ways(build: Callable[[], nn.Module], program_of: Callable[[nn.Modu
     for out in outs.values():
         (out.float() * grad).sum().backward()
     return modules, inputs, outs
+
+
+def assert_dense_without_training(model: nn.Module, dense: nn.Module, x: Tensor) -> None:
+    """Under ``torch.no_grad()`` and in eval mode an SBP backbone is its dense class: plain
+    feature tuples, bitwise the dense outputs (the same random draws)."""
+    with torch.no_grad():
+        torch.manual_seed(0)
+        outs = model(x)
+        assert not isinstance(outs, SBPFeatures)
+        torch.manual_seed(0)
+        assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
+    model.eval()
+    dense.eval()
+    outs = model(x)
+    assert not isinstance(outs, SBPFeatures)
+    assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))

@@ -14,7 +14,8 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import REPO, TINY_DATA_CFG
-from sbp_reference import assert_grads_match, backward_both, masking_hooks
+from sbp_reference import (assert_dense_without_training, assert_grads_match, backward_both,
+                           masking_hooks)
 
 CONFIG = str(REPO / 'configs' / 'mask_rcnn_convnext_t_sbp.py')
 TINY_ARCH = {'depths': [1, 1, 2, 1], 'channels': [8, 16, 24, 32]}
@@ -140,17 +141,7 @@ def test_eval_no_grad_and_keep_one_are_plain_convnext():
     assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
     assert outs.iteration.keep_ratio == 1.0
     model, dense = convnext_pair(dict(keep_ratio=0.5))
-    with torch.no_grad():
-        torch.manual_seed(0)
-        outs = model(x)
-        assert not isinstance(outs, SBPFeatures)
-        torch.manual_seed(0)
-        assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
-    model.eval()
-    dense.eval()
-    outs = model(x)
-    assert not isinstance(outs, SBPFeatures)
-    assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
+    assert_dense_without_training(model, dense, x)
 
 
 def test_state_dicts_are_interchangeable():

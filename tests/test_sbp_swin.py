@@ -17,7 +17,8 @@ from sbp_mmdet.sbp import SavedTensorMeter, SBPFeatures
 from sbp_mmdet.variants import parse_variant
 
 from sbp_builders import REPO
-from sbp_reference import assert_grads_match, masked, row_mask, total_loss
+from sbp_reference import (assert_dense_without_training, assert_grads_match, masked, row_mask,
+                           total_loss)
 
 TINY = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
             drop_path_rate=0.3)
@@ -173,17 +174,7 @@ def test_eval_no_grad_and_keep_one_are_plain_swin():
     torch.manual_seed(0)
     assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
     model, dense = swin_pair()
-    with torch.no_grad():
-        torch.manual_seed(0)
-        outs = model(x)
-        assert not isinstance(outs, SBPFeatures)
-        torch.manual_seed(0)
-        assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
-    model.eval()
-    dense.eval()
-    outs = model(x)
-    assert not isinstance(outs, SBPFeatures)
-    assert all(torch.equal(o, r) for o, r in zip(outs, dense(x)))
+    assert_dense_without_training(model, dense, x)
 
 
 def test_state_dicts_load_both_ways():
