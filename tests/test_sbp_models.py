@@ -158,12 +158,12 @@ def test_lowmem_config_trains_with_the_dense_forward():
     RPN head) computes in training the features and RPN outputs of mmdet's dense modules."""
     from mmdet.registry import MODELS
 
-    from sbp_mmdet.benchmark import Variant
+    from sbp_mmdet.benchmark import random_init, variant_model
+    from sbp_mmdet.variants import parse_variant
     cfg = Config.fromfile('configs/faster_rcnn_r50_sbp_lowmem.py')
     torch.manual_seed(0)
-    sbp = MODELS.build(Variant('lowmem', keep_ratio=0.5, with_cp=True,
-                               recompute=True).apply(cfg.model)).train()
-    dense = MODELS.build(Variant('dense').apply(cfg.model)).train()
+    sbp = MODELS.build(random_init(cfg.model)).train()
+    dense = MODELS.build(variant_model(cfg.model, parse_variant('dense'))).train()
     dense.load_state_dict(sbp.state_dict())
     assert isinstance(sbp.rpn_head, RPNHeadSBP) and not isinstance(dense.rpn_head, RPNHeadSBP)
     images = torch.randn(2, 3, 128, 192, requires_grad=True)
