@@ -426,6 +426,8 @@ def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(
     config = tmp_path / 'pretrain_tiny.py'
     config.write_text(
         f"_base_ = '{TINY}'\ndata_root = 'data/pretrain_tiny/'\n"
+        # the fine-tuning configs' backbone width (the pretrain config's)
+        "model = dict(backbone=dict(base_channels=16), neck=dict(in_channels=[16, 32, 64, 128]))\n"
         "train_dataloader = dict(dataset=dict(data_root=data_root))\n"
         "val_dataloader = dict(dataset=dict(data_root=data_root))\n"
         "test_dataloader = val_dataloader\n"
