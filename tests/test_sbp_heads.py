@@ -44,12 +44,28 @@ def output_convs(head):
 def test_detector_with_sbp_head_is_exact_with_reference_gradients(detector, shapes, head_sbp):
     """With ``dense_outputs`` the reference masks the towers only: the output
     convs' weights learn from every row."""
+    check_sbp_head_against_reference(detector, shapes, head_sbp)
+
+
+@pytest.mark.parametrize('shapes', [[(96, 128)] * 2, [(37, 53), (61, 29)]])
+@pytest.mark.parametrize('head_sbp', [dict(recompute=False), dict(recompute='all')],
+                         ids=['store', 'recompute_all'])
+def test_retina_head_with_group_norm_is_exact_with_reference_gradients(shapes, head_sbp):
+    """GroupNorm towers (FCOS/ATSS practice): per-image group statistics over the
+    full map, their gradient term kept exactly at the kept rows."""
+    check_sbp_head_against_reference('retinanet', shapes, head_sbp,
+                                     norm_cfg=dict(type='GN', num_groups=4, requires_grad=True))
+
+
+def check_sbp_head_against_reference(detector, shapes, head_sbp, norm_cfg=None):
     cfg_of = faster_rcnn_cfg if detector == 'faster_rcnn' else small_retinanet_cfg
     head_name = 'rpn_head' if detector == 'faster_rcnn' else 'bbox_head'
-    cfg = cfg_of(True)
+    cfg, dense_cfg = cfg_of(True), cfg_of(False)
     cfg[head_name].sbp = head_sbp
+    if norm_cfg is not None:
+        cfg[head_name].norm_cfg = dense_cfg[head_name].norm_cfg = norm_cfg
     sbp_model = build_detector(cfg)
-    dense = build_detector(cfg_of(False))
+    dense = build_detector(dense_cfg)
     dense.load_state_dict(sbp_model.state_dict())
     data = preprocessed_batch(sbp_model, shapes)
     loss = total_loss(sbp_model, data)

@@ -7,8 +7,9 @@ from mmcv.cnn.bricks import DropPath as MMCVDropPath
 from mmcv.cnn.bricks import Linear as MMCVLinear
 from torch import nn
 
-from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, IdentityMix, LayerScale,
-                           LinearMix, RowLocal, SavedTensorMeter, SBPProgram, UnfoldMix, Unit, relu)
+from sbp_mmdet.sbp import (Add, BatchNorm, ChannelsLast, ConvMix, DropPath, GroupNorm, IdentityMix,
+                           LayerScale, LinearMix, RowLocal, SavedTensorMeter, SBPProgram, UnfoldMix,
+                           Unit, relu)
 
 from sbp_builders import random_bn
 from sbp_reference import (MASKS, assert_amp_close, assert_grad_close, assert_same, backward_both,
@@ -101,6 +102,23 @@ def tail_conv_then_bn_program(m):
                             (RowLocal(m['pw']), BatchNorm(m['norm']), RowLocal(nn.SiLU())))])
 
 
+def group_norm_block(affine=True):
+    def build():
+        norm = nn.GroupNorm(4, 8, affine=affine)
+        if affine:  # not the identity init: the affine gradient terms must show
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+        return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1), norm=norm, act=nn.ReLU()))
+    return build
+
+
+def group_norm_program(m):
+    """GroupNorm (FCOS/ATSS heads): per-image group statistics, kept exactly on kept rows."""
+    return SBPProgram([Unit('conv', 'input', ConvMix(m['conv']),
+                            (GroupNorm(m['norm']), RowLocal(m['act'])))])
+
+
 def mlp_after_conv():
     """A unit without a row-mixing op reading the previous unit."""
     return nn.ModuleDict(dict(conv=nn.Conv2d(8, 8, 3, 1, 1), norm=nn.LayerNorm(8),
@@ -119,6 +137,8 @@ CASES = {
     'grouped_dilated_strided_conv': (grouped_dilated, grouped_dilated_program),
     '1x1_conv_then_bn_in_tail': (tail_conv_then_bn, tail_conv_then_bn_program),
     'layernorm_linear_no_mix': (mlp_after_conv, mlp_after_conv_program),
+    'groupnorm': (group_norm_block(), group_norm_program),
+    'groupnorm_no_affine': (group_norm_block(affine=False), group_norm_program),
     'convnext_block': (convnext, convnext_program),
     'convnext_block_linear_mix': (convnext, convnext_stored_program),
     'linear_mix_frozen_weight': (convnext_frozen_pointwise, convnext_stored_program),
@@ -274,7 +294,7 @@ def test_a_tail_conv_must_be_row_local():
 
 
 @pytest.mark.parametrize('case', ['convnext_block', 'convnext_block_linear_mix', 'gelu',
-                                  'layernorm_linear_no_mix'])
+                                  'layernorm_linear_no_mix', 'groupnorm'])
 def test_tails_rerun_under_the_forward_autocast(case):
     """Under bf16 autocast the tail is re-run in the forward's precision: the
     output equals the reference's bit for bit, gradients are within autocast's

@@ -8,7 +8,7 @@
 - ``masks``: row keep masks, one base mask per iteration (shared or per
   image) at the coarsest SBP stride, replicated to finer strides.
 - ``rows``: convolutions at a subset of output rows (bands with halos).
-- ``norm``: BatchNorm at packed rows with full-map statistics.
+- ``norm``: BatchNorm and GroupNorm at packed rows with full-map statistics.
 - ``ops``: what a unit is made of: a row-mixing op (a conv, an average
   pool, a channel linear layer, non-overlapping patches, or none) and a tail of row-local ops
   (norms, activations, 1x1 convs, adds, channel slices and concatenations,
@@ -34,7 +34,7 @@ from .layer import SBPLayerMixin, adopt
 from .masks import RowMaskSampler, SBPIteration
 from .memory import SavedTensorMeter
 from .module import SBPBackboneMixin, SBPModuleMixin
-from .norm import BatchNorm
+from .norm import BatchNorm, GroupNorm, norm_op
 from .ops import (Add, ChannelsLast, ChannelSlice, Concat, ConvMix, DropPath, IdentityMix,
                   LayerScale, LinearMix, PoolMix, RowLocal, TailOp, UnfoldMix, relu)
 from .policies import (MASK_POLICIES, MaskPolicy, MaskRequest, fill_to_equal_counts,
@@ -48,5 +48,6 @@ __all__ = ['MaskConfig', 'LayerConfig', 'SBPSettings', 'parse_sbp', 'SBPLayerMix
            'fill_to_equal_counts', 'RowMaskSampler', 'SBPIteration', 'SavedTensorMeter', 'Unit',
            'conv_unit', 'SBPProgram', 'SBPState', 'SBPFeatures', 'SBPModuleMixin',
            'SBPBackboneMixin', 'SBPTracingError', 'ConvMix', 'LinearMix',
-           'PoolMix', 'UnfoldMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'RowLocal', 'ChannelsLast',
+           'PoolMix', 'UnfoldMix', 'IdentityMix', 'TailOp', 'BatchNorm', 'GroupNorm', 'norm_op',
+           'RowLocal', 'ChannelsLast',
            'LayerScale', 'Add', 'ChannelSlice', 'Concat', 'DropPath', 'relu']

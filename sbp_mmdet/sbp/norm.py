@@ -1,4 +1,4 @@
-"""BatchNorm forward and backward on packed rows, with full-map statistics.
+"""BatchNorm and GroupNorm forward and backward on packed rows, with full-map statistics.
 
 In train mode BatchNorm normalises with the mean and variance of *all*
 positions of the batch, so the forward pass stays exact. In backward the
@@ -17,9 +17,15 @@ train-mode statistics term is one extra fused pass. ``BatchNorm`` is the tail
 op (see ``ops.py``) that runs these on packed rows. Under mixed precision ``z``
 and ``g`` are half precision while statistics, affine parameters and their
 gradients stay fp32 (the kernels' mixed-type mode, as autocast runs BatchNorm).
+
+GroupNorm (``GroupNorm``, the norm of FCOS/ATSS-style heads) is the same with the
+statistics of each image and channel group: the sums run over the kept rows of one
+image's group, ``n`` is the group's positions on the full map (channels per group
+x H x W). Its statistics never depend on the other images, in train and eval mode
+alike, so its input gradient always needs the stored rows (no ``exact_input_grad``).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -151,3 +157,112 @@ class BatchNorm(TailOp):
         if self.norm.weight is not None:
             scale = scale * self.norm.weight.detach()
         return grad * scale.to(grad.dtype)[:, None, None]
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Statistics a GroupNorm used in one forward pass: ``(N, G)`` fp32 mean and
+    inverse standard deviation, and the positions per group of the full map."""
+
+    mean: Tensor
+    rstd: Tensor
+    count: int
+
+    @classmethod
+    def capture(cls, norm: nn.GroupNorm, z: Tensor) -> 'GroupStats':
+        grouped = z.detach().float().reshape(z.shape[0], norm.num_groups, -1)
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+        return cls(mean, torch.rsqrt(var + norm.eps), grouped.shape[-1])
+
+
+def _normalised(z: Tensor, stats: GroupStats, groups: int) -> Tensor:
+    """``x_hat`` of packed rows ``z`` (fp32), shaped ``(N, G, C // G, R, W)``."""
+    grouped = z.float().reshape(z.shape[0], groups, -1, *z.shape[2:])
+    return (grouped - stats.mean[..., None, None, None]) * stats.rstd[..., None, None, None]
+
+
+def _per_channel(t: Optional[Tensor], groups: int) -> Optional[Tensor]:
+    """A ``(C,)`` affine parameter broadcast against ``(N, G, C // G, R, W)``."""
+    return None if t is None else t.float().reshape(1, groups, -1, 1, 1)
+
+
+class _PackedGroupNorm(torch.autograd.Function):
+    """GroupNorm on packed rows with the forward's statistics; its backward adds
+    the statistics term over the rows it was given."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                norm: nn.GroupNorm, stats: GroupStats, out_dtype: torch.dtype) -> Tensor:
+        ctx.norm, ctx.stats = norm, stats
+        ctx.save_for_backward(z)
+        groups = norm.num_groups
+        y = _normalised(z, stats, groups)
+        if weight is not None:
+            y = y * _per_channel(weight, groups) + _per_channel(bias, groups)
+        return y.reshape(z.shape).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, = ctx.saved_tensors
+        norm, stats, groups = ctx.norm, ctx.stats, ctx.norm.num_groups
+        x_hat = _normalised(z, stats, groups)
+        g = grad.float().reshape(x_hat.shape)
+        affine = norm.weight is not None
+        g_scaled = g * _per_channel(norm.weight, groups) if affine else g
+        dims = (2, 3, 4)
+        sum_g = g_scaled.sum(dim=dims, keepdim=True)
+        sum_gx = (g_scaled * x_hat).sum(dim=dims, keepdim=True)
+        rstd = stats.rstd[..., None, None, None]
+        grad_z = rstd * (g_scaled - (sum_g + x_hat * sum_gx) / stats.count)
+        grad_w = grad_b = None
+        if affine and norm.weight.requires_grad:
+            grad_w = (g * x_hat).sum(dim=(0, 3, 4)).reshape(-1).to(norm.weight.dtype)
+        if affine and norm.bias.requires_grad:
+            grad_b = g.sum(dim=(0, 3, 4)).reshape(-1).to(norm.bias.dtype)
+        return grad_z.reshape(z.shape).to(z.dtype), grad_w, grad_b, None, None, None
+
+
+class GroupNorm(TailOp):
+    """A GroupNorm layer in a unit's tail (per-image group statistics as above).
+
+    Args:
+        norm: an ``nn.GroupNorm``.
+        where: the layer's name, for errors.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, where: str = 'norm') -> None:
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f'{where}: expected nn.GroupNorm, got {type(norm).__name__}')
+        self.norm = norm
+        self.where = where
+
+    def parameters(self) -> List[Optional[Tensor]]:
+        return [self.norm.weight, self.norm.bias]
+
+    def reference(self, x: Tensor, other: Optional[Tensor]) -> Tensor:
+        return self.norm(x)
+
+    def forward(self, x: Tensor, other: Optional[Tensor]) -> Tuple[Tensor, GroupStats]:
+        return self.norm(x), GroupStats.capture(self.norm, x)
+
+    def rows(self, x: Tensor, other: Optional[Tensor], state: GroupStats) -> Tensor:
+        # autocast runs group_norm in fp32: its output is fp32 under autocast
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.float32 if autocast else x.dtype
+        return _PackedGroupNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, state,
+                                      out_dtype)
+
+
+def norm_op(norm: nn.Module, where: str) -> Union[BatchNorm, GroupNorm]:
+    """The tail op of a unit's normalisation layer: ``BatchNorm`` or ``GroupNorm``.
+
+    Raises:
+        TypeError: for other norms, naming ``where``.
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return GroupNorm(norm, where)
+    if not isinstance(norm, _BatchNorm):
+        raise TypeError(f'{where}: SBP supports BatchNorm (BN/SyncBN in eval) and GroupNorm '
+                        f'normalisation, got {type(norm).__name__}; use the dense module or a '
+                        'BN/GN norm_cfg')
+    return BatchNorm(norm, where)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from .bitmask import pack_bits, unpack_bits
 from .masks import SBPIteration
-from .norm import BatchNorm
+from .norm import norm_op
 from .ops import Add, ConvMix, Mix, TailOp, is_relu, relu
 from .rows import Packed, RowSum, gather_rows, union_rows
 
@@ -118,7 +118,7 @@ def conv_unit(name: str, source: str, conv: nn.Conv2d, norm: Optional[nn.Module]
         TypeError: for a conv or norm SBP cannot run, naming ``where``.
     """
     where = where or name
-    tail: List[TailOp] = [] if norm is None else [BatchNorm(norm, where)]
+    tail: List[TailOp] = [] if norm is None else [norm_op(norm, where)]
     tail += [] if residual is None else [Add(residual)]
     tail += [relu()] if relu_after else []
     return Unit(name, source, ConvMix(conv, where), tuple(tail))

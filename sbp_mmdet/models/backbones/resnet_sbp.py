@@ -6,8 +6,8 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet, ResNet
 from mmdet.registry import MODELS
 from torch import nn
 
-from ...sbp import (BatchNorm, PoolMix, RowLocal, SBPBackboneMixin, SBPLayerMixin, SBPProgram, Unit,
-                    conv_unit)
+from ...sbp import (PoolMix, RowLocal, SBPBackboneMixin, SBPLayerMixin, SBPProgram, Unit, conv_unit,
+                    norm_op)
 from ...sbp.module import stage_layers, stage_switches, warn_with_cp_without_recompute
 
 
@@ -27,7 +27,7 @@ def shortcut_units(block: nn.Module, residual_of: str) -> Tuple[List[Unit], str]
         if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1):
             raise TypeError(f'{where}: SBP supports an AvgPool2d shortcut followed by a plain '
                             f'1x1 stride-1 nn.Conv2d, got {conv}')
-        tail = (RowLocal(conv), BatchNorm(norm, where))
+        tail = (RowLocal(conv), norm_op(norm, where))
         return [Unit('downsample', 'input', PoolMix(pool, where), tail)], 'downsample'
     raise TypeError(f'{where}: SBP supports a conv + norm or an AvgPool2d + conv + norm '
                     f'shortcut, got {[type(m).__name__ for m in layers]}')

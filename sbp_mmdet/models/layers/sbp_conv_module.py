@@ -11,7 +11,7 @@ class SBPConvModule(SBPLayerMixin, ConvModule):
     """mmcv's ``ConvModule`` as an SBP layer (``adopt``).
 
     Supports the order conv -> norm -> act with a plain conv, an optional
-    BatchNorm and an optional elementwise activation (ReLU, GELU, SiLU,
+    BatchNorm or GroupNorm and an optional elementwise activation (ReLU, GELU, SiLU,
     LeakyReLU, Sigmoid, Tanh). A call with ``activate=False`` or
     ``norm=False`` runs densely.
     """
