@@ -114,8 +114,8 @@ def test_default_stages_follow_the_paper_and_skip_frozen_stages():
     (dict(sbp=dict(keep_ratio=0)), 'keep_ratio must be in'),
     (dict(sbp=dict(sampling='diag')), 'sampling must be one of'),
     (dict(sbp=dict(keep_rate=0.5)), "unknown key\\(s\\) \\['keep_rate'\\]"),
-    (dict(norm_cfg=dict(type='GN', num_groups=8)),
-     'layer1.0.downsample: SBP supports BatchNorm .*got GroupNorm'),
+    (dict(norm_cfg=dict(type='IN')),
+     'layer1.0.downsample: SBP supports BatchNorm .* and GroupNorm .*got InstanceNorm2d'),
     (dict(dcn=dict(type='DCN', deform_groups=1), stage_with_dcn=(False, True, False, False)),
      'layer2.0: SBP does not support DCN'),
 ])
@@ -124,11 +124,10 @@ def test_bad_backbone_configs_are_refused_clearly(kwargs, error):
         ResNetSBP(depth=50, **kwargs)
 
 
-def test_fpn_sbp_refuses_group_norm_naming_the_layer():
+def test_fpn_sbp_refuses_an_unsupported_norm_naming_the_layer():
     with pytest.raises(TypeError, match=r'FPNSBP\.lateral_convs\.0: SBP supports BatchNorm .*'
-                                        'got GroupNorm'):
-        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2,
-               norm_cfg=dict(type='GN', num_groups=8))
+                                        'got InstanceNorm2d'):
+        FPNSBP(in_channels=[64, 128], out_channels=32, num_outs=2, norm_cfg=dict(type='IN'))
 
 
 @pytest.mark.parametrize('config', ['configs/faster_rcnn_r50_sbp.py',
@@ -196,6 +195,27 @@ def test_whole_detector_loss_is_exact_and_gradients_equal_the_reference(shapes):
         if iteration.covers(stride):  # the neck's SBP conv groups (sbp.convs)
             units += [getattr(dense.neck, kind)[i] for kind in sbp_model.neck.sbp_conv_groups]
     add_reference_hooks(units, iteration, height)
+    assert_matches_reference(sbp_model, dense, data, loss)
+
+
+def test_group_norm_backbone_and_neck_are_exact_with_the_reference_gradients():
+    """GroupNorm in every backbone and neck conv (mmdet's ``gn-all`` configs): per-image
+    group statistics of the full map, their gradient term exact at the kept rows."""
+    gn = dict(type='GN', num_groups=8, requires_grad=True)
+    cfgs = [small_faster_rcnn_cfg(sbp) for sbp in (True, False)]
+    for cfg in cfgs:
+        cfg.backbone.norm_cfg = cfg.neck.norm_cfg = gn
+    cfgs[0].neck.sbp = dict(convs=('lateral', 'output'))
+    sbp_model, dense = build_detector(cfgs[0]), build_detector(cfgs[1])
+    assert isinstance(sbp_model.backbone.layer2[0].norm1, nn.GroupNorm)
+    dense.load_state_dict(sbp_model.state_dict())
+    data = preprocessed_batch(sbp_model, [(96, 128)] * 2)
+    loss = total_loss(sbp_model, data)
+    iteration = sbp_model.backbone.sbp_iteration
+    units = enabled_blocks(dense.backbone, sbp_model.backbone.sbp_blocks)
+    units += [group[i] for group in (dense.neck.lateral_convs, dense.neck.fpn_convs)
+              for i, stride in enumerate((4, 8, 16, 32)) if iteration.covers(stride)]
+    add_reference_hooks(units, iteration, data['inputs'].shape[2])
     assert_matches_reference(sbp_model, dense, data, loss)
 
 
