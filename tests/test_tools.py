@@ -413,7 +413,7 @@ def test_finetune_config_pairs_differ_by_sbp_only(detector: str) -> None:
     for key in ('train_dataloader', 'val_evaluator', 'train_cfg', 'param_scheduler',
                 'optim_wrapper'):
         assert sbp[key] == dense[key], key
-    assert dense.train_cfg.max_iters == {'faster-rcnn': 200, 'retinanet': 2000}[detector]
+    assert dense.train_cfg.max_iters == {'faster-rcnn': 200, 'retinanet': 400}[detector]
 
 
 def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(
