@@ -107,6 +107,16 @@ def apply_exact_tools(model: nn.Module, options: Mapping[str, Any]) -> None:
         turn_on_selective_checkpointing(model, tools[SAC])
 
 
+def prepare_training(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Before ``Runner.train``: refuse the config's tools where they would not be exact on
+    ``model`` (the Runner's model, unwrapped) and switch on selective checkpointing, which
+    the Runner does not know; the Runner then applies its own two keys."""
+    if tool_modules(cfg):
+        check_exact_tools(model, cfg)
+    if cfg.get(SAC):
+        turn_on_selective_checkpointing(model, tool_modules(cfg)[SAC])
+
+
 def save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """The selective-checkpointing policy: keep convolution outputs, recompute the rest."""
     return (CheckpointPolicy.MUST_SAVE if op in SAVED_OPS
