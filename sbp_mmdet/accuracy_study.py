@@ -1,6 +1,6 @@
 """Reads an accuracy study (``accuracy.json`` of ``tools/analysis_tools/sbp_accuracy.py``).
 
-The study's ``summary`` gives, per variant, the paired difference to dense in mAP points
+The study's ``summary`` gives, per variant, the paired difference to dense in points of bbox AP
 (mean over the seeds both ran, and a 95 % Student-t interval). A setting's accuracy cost is
 that of the study variant with the same gradients: tokens that do not change the gradients
 (``variants.GRADIENT_NEUTRAL``: the exact tools and SBP's recompute) are left out of the
@@ -22,7 +22,7 @@ DEFAULT_STUDY = os.path.join('docs', 'results', 'accuracy_finetune_w16_synthetic
 
 @dataclass(frozen=True)
 class AccuracyCost:
-    """A setting's mAP change to dense, in points: ``exact`` (0 by construction: the same
+    """A setting's change of bbox AP to dense, in points: ``exact`` (0 by construction: the same
     gradients as dense), or the study's paired mean and 95 % interval (None: one seed)."""
 
     mean: float

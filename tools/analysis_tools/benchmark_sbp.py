@@ -235,17 +235,19 @@ def format_table(rows: List[dict], frontier: bool = False) -> str:
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
     head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
             + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense',
-               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense'])
+               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense', 'ops/step']
+            + (['mAP vs dense (points)'] if any('accuracy' in r for r in rows) else []))
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [r['variant'], r['precision'], f"{r['saved_mib']:.0f}",
                  _ratio(r['saved_vs_dense'])]
         cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
-        cells += [f"{r['peak_mib']:.0f}", _ratio(r['peak_vs_dense']),
+        cells += [_mib(r['peak_mib']), _ratio(r['peak_vs_dense']),
                   _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
                   f"{r['backward_gflop']:.1f}", _ratio(r['backward_gflop_vs_dense']),
-                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense'])]
+                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense']), str(r['ops'])]
+        cells += [r['accuracy']] if 'accuracy' in r else []
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -264,6 +266,10 @@ def format_frontier(rows: List[dict]) -> str:
             _seconds(r['step_spread_s']), _ratio(r['step_vs_dense']),
             r.get('accuracy', 'not measured')]) + ' |')
     return '\n'.join(lines)
+
+
+def _mib(value) -> str:
+    return '-' if value is None else f'{value:.0f}'
 
 
 def _seconds(value) -> str:
