@@ -125,11 +125,14 @@ def test_compositions_that_would_not_be_exact_are_refused(
         step_of(config, name)
 
 
-def test_reentrant_checkpointing_after_a_frozen_stage_is_refused(config: Config) -> None:
-    """mmengine's activation_checkpointing (torch's reentrant checkpoint) of a stage whose
-    input needs no gradient silently drops its gradients: the benchmark stops."""
+@pytest.mark.parametrize('modules', ['backbone', 'backbone.layer2', 'neck'])
+def test_reentrant_checkpointing_that_drops_gradients_stops_the_benchmark(
+        config: Config, modules: str) -> None:
+    """mmengine's activation_checkpointing (torch's reentrant checkpoint) of a module whose
+    inputs need no gradient (the image, a frozen stage's output, a tuple of features) silently
+    drops its gradients: the benchmark stops."""
     with pytest.raises(RuntimeError, match='got no gradient'):
-        measure_variant(config, parse_variant('act_ckpt=backbone.layer2', config.model),
+        measure_variant(config, parse_variant(f'act_ckpt={modules}', config.model),
                         *SIZE, 0, 0, 'cpu')
 
 
