@@ -168,3 +168,16 @@ def test_accuracy_of_a_setting_is_that_of_its_gradients() -> None:
     assert study.cost('sbp@0.5:with_cp:recompute') == study.cost('sbp@0.5')
     assert study.cost('sbp@0.75:recompute:sac').ci95 is not None
     assert study.cost('sbp@0.25') is None and study.cost('amp') is None
+
+
+def test_benchmark_rows_take_the_study_of_their_own_detector_only() -> None:
+    """The Faster R-CNN study prices Faster R-CNN's SBP rows; a RetinaNet row is "not
+    measured" unless it computes dense's gradients ("exact")."""
+    from sbp_builders import load_tool
+    bench = load_tool('tools/analysis_tools/benchmark_sbp.py')
+    paired = AccuracyStudy(str(REPO / DEFAULT_STUDY)).cost('sbp@0.5').label()
+    for config, sbp in (('faster_rcnn_r50_sbp.py', paired),
+                        ('retinanet_r50_sbp.py', 'not measured')):
+        rows = [dict(variant=v) for v in ('sbp@0.5:with_cp', 'sac', 'amp')]
+        bench.add_accuracy(rows, str(REPO / DEFAULT_STUDY), str(REPO / 'configs' / config))
+        assert [r['accuracy'] for r in rows] == [sbp, 'exact', 'not measured']

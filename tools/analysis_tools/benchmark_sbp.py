@@ -80,7 +80,8 @@ def parse_args(argv=None):
                         help='the timed steps\' input size with --interleave (default --size)')
     parser.add_argument('--accuracy', default=None,
                         help="an accuracy study's accuracy.json: each row's mAP change to "
-                        'dense ("exact" where the gradients are dense\'s)')
+                        'dense ("exact" where the gradients are dense\'s; "not measured" '
+                        'where the study trains another kind of detector than CONFIG)')
     parser.add_argument('--no-plot', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys for every variant, e.g. '
@@ -178,17 +179,24 @@ def run_all(args) -> List[dict]:
             ref = dense and dense[key]
             row[ratio] = row[key] / ref if row[key] is not None and ref else None
     if args.accuracy:
-        add_accuracy(rows, args.accuracy)
+        add_accuracy(rows, args.accuracy, args.config)
     return rows
 
 
-def add_accuracy(rows: List[dict], path: str) -> None:
+def add_accuracy(rows: List[dict], path: str, config: str) -> None:
     """Each row's mAP change to dense from the study at ``path`` (``'exact'``, the paired
-    mean and 95 % interval, or ``'not measured'``)."""
+    mean and 95 % interval, or ``'not measured'``); the study's differences count only where
+    it trains the same kind of detector as ``config`` (its ``model.type``)."""
+    from mmengine.config import Config
+
     from sbp_mmdet.accuracy_study import AccuracyStudy
     study = AccuracyStudy(path)
+    mine = Config.fromfile(config).model.type
+    theirs = Config.fromfile(study.config).model.type if os.path.isfile(study.config) else None
     for row in rows:
         cost = study.cost(row['variant'])
+        if cost is not None and not cost.exact and theirs != mine:
+            cost = None  # a study of another detector: exact settings only
         row['accuracy'] = 'not measured' if cost is None else cost.label()
         row['map_change'] = None if cost is None else cost.mean
         row['map_ci95'] = None if cost is None else cost.ci95
