@@ -339,7 +339,7 @@ def plot_frontier(rows: List[dict], meta: dict, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    precisions = sorted({r['precision'] for r in rows})
+    precisions = sorted({r['precision'] for r in rows}, key=lambda p: (p != 'fp32', p))
     fig, axes = plt.subplots(1, len(precisions), figsize=(7 * len(precisions), 5.5),
                              squeeze=False)
     for ax, prec in zip(axes[0], precisions):
