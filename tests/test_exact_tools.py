@@ -181,3 +181,25 @@ def test_benchmark_rows_take_the_study_of_their_own_detector_only() -> None:
         rows = [dict(variant=v) for v in ('sbp@0.5:with_cp', 'sac', 'amp')]
         bench.add_accuracy(rows, str(REPO / DEFAULT_STUDY), str(REPO / 'configs' / config))
         assert [r['accuracy'] for r in rows] == [sbp, 'exact', 'not measured']
+
+
+def test_train_applies_selective_checkpointing_and_refuses_it_on_sbp_stages(
+        workspace) -> None:
+    """tools/train.py: ``selective_checkpointing=[...]`` trains; on a stage that runs SBP it
+    stops before the first iteration, naming the module and the reason."""
+    import subprocess
+    import sys
+
+    def train(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / 'tools' / 'train.py'), str(TINY_SBP), '--work-dir',
+             'work_dirs/sac', '--cfg-options', 'train_cfg.max_iters=1', *options],
+            cwd=workspace, capture_output=True, text=True, timeout=300)
+    refused = train('selective_checkpointing=[backbone.layer2]')
+    assert refused.returncode != 0
+    assert 'selective_checkpointing: backbone.layer2 holds layers that run with SBP' in \
+        refused.stderr
+    assert not list((workspace / 'work_dirs' / 'sac').rglob('iter_*.pth'))
+    trained = train('selective_checkpointing=[backbone.layer4]')
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (workspace / 'work_dirs' / 'sac' / 'iter_1.pth').is_file()
