@@ -197,7 +197,10 @@ def test_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
             ('sac+amp', 'bf16'), ('sbp@0.75+recompute+sac+amp', 'bf16')]
         assert all(r['step_median_s'] > 0 and r['peak_vs_dense'] is not None and r['ops'] > 0
                    for r in rows)
-        assert {r['variant']: r['accuracy'] for r in rows}['sbp@0.5+cp'] != 'not measured'
+        # the study is of Faster R-CNN: it prices that detector's SBP rows only
+        accuracy = {r['variant']: r['accuracy'] for r in rows}
+        assert (accuracy['sbp@0.5+cp'] == 'not measured') == name.startswith('retinanet')
+        assert accuracy['sac'] == 'exact'
 
 
 def test_gpu_benchmark_script_refuses_a_machine_without_cuda():
