@@ -1,11 +1,12 @@
 """Building blocks of the SBP benchmarks: variants, synthetic batches, one measured run."""
+import contextlib
 import copy
 import platform
 import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .amp import cpu_autocast_fallbacks
+from .exact_tools import ACT_CKPT, apply_exact_tools, observe_selective_saves
 from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 from .variants import Variant
@@ -48,6 +50,20 @@ class FlopMeter(TorchDispatchMode):
         return out
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside the ``with`` block: a device-independent
+    proxy for the kernel launches of a step on a GPU (each op is at least one launch; the
+    CPU's own kernels and mmcv's ops outside the dispatcher are not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
 def precision(variant: Variant, device: str) -> str:
     """``'fp32'``, or the autocast dtype of an ``amp`` variant on ``device``: fp16 on
     CUDA, bf16 on the CPU (with ``cpu_autocast_fallbacks``: the RPN's proposal step and
@@ -58,8 +74,8 @@ def precision(variant: Variant, device: str) -> str:
 
 
 def is_reference(variant: Variant) -> bool:
-    """Plain backprop without checkpointing: the reference of its precision."""
-    return not variant.sbp and not variant.with_cp
+    """Plain backprop without any memory saver: the reference of its precision."""
+    return not variant.sbp and set(variant.tokens) <= {'amp'}
 
 
 def variant_model(model_cfg: dict, variant: Variant) -> dict:
@@ -109,7 +125,8 @@ class Measurement:
     the FLOPs of its convolutions and matrix products (recomputed forward
     convolutions included) as ``torch.utils.flop_counter`` counts them (see
     ``FlopMeter``). Ops outside PyTorch's dispatcher (mmcv's RoIAlign, NMS)
-    and elementwise ops are not counted.
+    and elementwise ops are not counted. ``ops`` is the number of aten operators one
+    training step (forward and backward, recompute included) dispatches (``OpCounter``).
     """
 
     variant: str
@@ -117,6 +134,7 @@ class Measurement:
     saved_mib: float
     saved_by_component_mib: Dict[str, float]
     backward_gflop: float
+    ops: Optional[int] = None
     forward_s: List[float] = field(default_factory=list)
     backward_s: List[float] = field(default_factory=list)
     step_s: List[float] = field(default_factory=list)
@@ -151,21 +169,38 @@ def model_components(model) -> Dict[str, torch.nn.Module]:
             if isinstance(getattr(model, n, None), torch.nn.Module)}
 
 
-def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
-                    steps: int, warmup: int, device: str, seed: int = 0,
-                    on_step=None, part: str = 'detector',
-                    model_cfg: Optional[dict] = None) -> Measurement:
-    """Build the detector as ``variant`` and measure saved bytes, backward FLOPs
-    and step times.
+@dataclass
+class Step:
+    """One variant ready to train: its model (exact tools switched on), batch and step."""
 
-    ``model_cfg`` is the model to build instead of ``variant_model(config.model,
-    variant)``, for settings written as config options (``sbp_fit.py``'s
-    candidates); the variant then gives the name and the precision only.
+    variant: Variant
+    model: torch.nn.Module
+    train_loss: Callable[[], torch.Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: str
 
-    ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
-    detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
-    on the sum of the neck's outputs (where SBP acts, without the heads' costs).
-    """
+    def loss(self) -> torch.Tensor:
+        """The training forward, as every step runs it."""
+        with cpu_autocast_fallbacks(self.model), self.autocast():
+            return self.train_loss()
+
+    def run(self) -> float:
+        """One timed training step (forward and backward): seconds. The gradients are freed
+        after it, so that steps built side by side hold their parameters only."""
+        self.model.zero_grad(set_to_none=True)
+        t0 = _now(self.device)
+        self.loss().backward()
+        seconds = _now(self.device) - t0
+        self.model.zero_grad(set_to_none=True)
+        return seconds
+
+
+def build_step(config: Config, variant: Variant, batch_size: int, height: int, width: int,
+               device: str, seed: int = 0, part: str = 'detector',
+               model_cfg: Optional[dict] = None) -> Step:
+    """The ``Step`` of ``variant`` (see ``measure_variant`` for the arguments): the model
+    built from ``variant_model`` (or ``model_cfg``), the exact tools of its options applied
+    as mmengine's Runner applies them (``sbp_mmdet.exact_tools``), a synthetic batch."""
     if part not in PARTS:
         raise ValueError(f'part must be one of {PARTS}, got {part!r}')
     from mmdet.registry import MODELS
@@ -175,35 +210,62 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     model = MODELS.build(model_cfg or variant_model(config.model, variant)).to(device)
     model.init_weights()
     model.train()
+    apply_exact_tools(model, variant.options)
     num_classes = _num_classes(config.model)
     data = detector_batch(model, batch_size, height, width, num_classes, seed)
     data = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.items()}
     data['data_samples'] = [s.to(device) for s in data['data_samples']]
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(precision(variant, device))
-    autocast = torch.autocast(device.split(':')[0], dtype=dtype, enabled=dtype is not None)
+    return Step(variant, model, _train_loss(model, data, part),
+                lambda: torch.autocast(device.split(':')[0], dtype=dtype,
+                                       enabled=dtype is not None), device)
 
+
+def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
+                    steps: int, warmup: int, device: str, seed: int = 0,
+                    on_step=None, part: str = 'detector',
+                    model_cfg: Optional[dict] = None) -> Measurement:
+    """Build the detector as ``variant`` and measure saved bytes, backward FLOPs,
+    dispatched operators and step times.
+
+    ``model_cfg`` is the model to build instead of ``variant_model(config.model,
+    variant)``, for settings written as config options (``sbp_fit.py``'s
+    candidates); the variant then gives the name and the precision only.
+
+    ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
+    detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
+    on the sum of the neck's outputs (where SBP acts, without the heads' costs).
+
+    Raises:
+        RuntimeError: with mmengine's activation checkpointing, a trainable parameter got no
+            gradient (its reentrant checkpoint of a module whose inputs need none).
+    """
+    step = build_step(config, variant, batch_size, height, width, device, seed, part,
+                      model_cfg)
+    model = step.model
     meter = SavedTensorMeter(model, model_components(model))
-    train_loss = _train_loss(model, data, part)
-    with meter.measure(), cpu_autocast_fallbacks(model), autocast:
-        loss = train_loss()
-    forward_rss_mib = _max_rss_mib()  # before any backward: the forward-only peak
-    with FlopMeter() as flops:
-        loss.backward()
+    with OpCounter() as ops:
+        with meter.measure(), observe_selective_saves(meter.count):
+            loss = step.loss()
+        forward_rss_mib = _max_rss_mib()  # before any backward: the forward-only peak
+        with FlopMeter() as flops:
+            loss.backward()
     del loss
+    if part == 'detector' and ACT_CKPT in variant.options:
+        check_gradients(model, variant.name)
     result = Measurement(variant.name, precision(variant, device), meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()},
-                         flops.total / 1e9)
+                         flops.total / 1e9, ops.total)
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup + steps if steps else 0):
+    for i in range(warmup + steps if steps else 0):
         model.zero_grad(set_to_none=True)
         t0 = _now(device)
-        with cpu_autocast_fallbacks(model), autocast:
-            loss = train_loss()
+        loss = step.loss()
         t1 = _now(device)
         loss.backward()
         t2 = _now(device)
-        if step >= warmup:
+        if i >= warmup:
             result.forward_s.append(t1 - t0)
             result.backward_s.append(t2 - t1)
             result.step_s.append(t2 - t0)
@@ -217,6 +279,34 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         result.peak_kind = ('process max RSS (this variant in its own process'
                             + (', forward only)' if not steps else ')'))
     return result
+
+
+def check_gradients(model: torch.nn.Module, name: str) -> None:
+    """Raise if a parameter that trains got no gradient in the step just run (SBP may leave
+    some without one at tiny sizes: checked for activation checkpointing only)."""
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise RuntimeError(
+            f'{name}: {len(missing)} trainable parameters got no gradient (first: '
+            f'{missing[0]}). mmengine\'s activation_checkpointing uses torch\'s reentrant '
+            'checkpoint: a module whose inputs need no gradient (after a frozen stage, or '
+            'given a tuple) gets none; name modules after the first trainable stage.')
+
+
+def interleaved_step_times(steps: Sequence[Step], timed: int, warmup: int,
+                           on_round: Optional[Callable[[], None]] = None
+                           ) -> List[List[float]]:
+    """Step times of each of ``steps``, run round robin one step at a time (``warmup``
+    rounds untimed, then ``timed`` rounds), so that the machine's load hits them alike."""
+    times: List[List[float]] = [[] for _ in steps]
+    for round_ in range(warmup + timed):
+        for step, mine in zip(steps, times):
+            seconds = step.run()
+            if round_ >= warmup:
+                mine.append(seconds)
+        if on_round is not None:
+            on_round()
+    return times
 
 
 def _train_loss(model, data: dict, part: str):

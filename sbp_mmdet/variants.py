@@ -1,10 +1,11 @@
 """The variant grammar of the benchmark, the accuracy and the gradient-fidelity tools.
 
 A variant names one way to train the same SBP detector config, e.g. ``sbp@0.5``,
-``sbp@0.75:recompute:sbp_rpn_head`` or ``with_cp:amp``: an optional base (``dense``, the
-default, or ``sbp@R``) and tokens, joined by ``:``. ``parse_variant`` turns it into its
-config options (``--cfg-options`` key -> value); ``TOKENS`` is the one table of tokens and
-their options, documented in docs/usage.md (section "Variants").
+``sbp@0.75:recompute:sbp_rpn_head``, ``with_cp:amp`` or ``sbp@0.75:recompute:ecbe`` (the
+exact tools' tokens ``ecbe``, ``act_ckpt``, ``sac``: sbp_mmdet/exact_tools.py): an optional
+base (``dense``, the default, or ``sbp@R``) and tokens, joined by ``:``. ``parse_variant``
+turns it into its config options (``--cfg-options`` key -> value); ``TOKENS`` is the one
+table of tokens and their options, documented in docs/usage.md (section "Variants").
 """
 import argparse
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ NECK_CONVS = {'neck=lateral': ('lateral',), 'neck=output': ('output',),
 @dataclass(frozen=True)
 class Parts:
     """The detector parts that run SBP in a variant: ``'backbone'``, ``'neck'``, and the
-    SBP heads (``'rpn_head'``/``'bbox_head'``) that its tokens or its config name."""
+    SBP heads (``'rpn_head'``/``'bbox_head'``) that its tokens or its config name; and the
+    backbone's stages (``Stages``) for the exact tools' tokens."""
 
     names: Tuple[str, ...]
+    stages: Optional['Stages'] = None
 
     @property
     def heads(self) -> Tuple[str, ...]:
@@ -85,6 +88,57 @@ def _with_cp(_: str, parts: Parts) -> Dict[str, Any]:
     return options
 
 
+@dataclass(frozen=True)
+class Stages:
+    """A ResNet-style backbone's stages (``backbone.layer1``, ...) as the exact tools see
+    them: which train (after ``frozen_stages``), which run SBP."""
+
+    num: int
+    frozen: int
+    sbp: Tuple[bool, ...]
+
+    def paths(self, first: int) -> List[str]:
+        """The dense stages from index ``first`` on, as module paths."""
+        return [f'backbone.layer{i + 1}' for i in range(max(first, 0), self.num)
+                if not self.sbp[i]]
+
+
+def _tool(key: str, default: Callable[[Stages], List[str]], what: str
+          ) -> Callable[[str, Parts], Dict[str, Any]]:
+    """The options of an exact tool's token: the config key ``key`` with the module paths
+    given after ``=`` (comma separated), else ``default`` of the backbone's stages."""
+    def options(paths: str, parts: Parts) -> Dict[str, Any]:
+        if paths:
+            modules = paths.split(',')
+            if not all(modules):
+                raise ValueError('module paths joined by commas, e.g. backbone.layer3,'
+                                 'backbone.layer4')
+        elif parts.stages is None:
+            raise ValueError('the default needs a ResNet-style backbone (layer1, ...): '
+                             'name the modules, e.g. =backbone.layer4')
+        else:
+            modules = default(parts.stages)
+            if not modules:
+                raise ValueError(f'no dense stage {what}: name the modules after =')
+        return {key: modules}
+    return options
+
+
+# the exact tools' defaults: what each can act on exactly in a ResNet-style backbone
+def _ecbe_default(stages: Stages) -> List[str]:
+    # the whole dense backbone; with SBP its trainable dense stages (SBP modules refuse)
+    return ['backbone'] if not any(stages.sbp) else stages.paths(stages.frozen)
+
+
+def _act_ckpt_default(stages: Stages) -> List[str]:
+    # reentrant checkpoint: only stages whose input needs a gradient get theirs
+    return stages.paths(stages.frozen + 1)
+
+
+def _sac_default(stages: Stages) -> List[str]:
+    return stages.paths(stages.frozen)
+
+
 def _fixed(**options: Any) -> Callable[[str, Parts], Dict[str, Any]]:
     """A token's options that depend on nothing (``backbone__sbp__recompute=True`` is
     ``model.backbone.sbp.recompute=True``)."""
@@ -132,7 +186,25 @@ TOKENS: Dict[str, Token] = {
                                _on_heads('grad_scale', 'inverse_keep')),
     'head_dense_outputs': Token('SBP on the head tower only (sbp.dense_outputs=True)',
                                 _on_heads('dense_outputs', True)),
+    # the exact tools (sbp_mmdet/exact_tools.py); =<paths> names the modules, e.g.
+    # ecbe=backbone.layer4
+    **{name: Token(help, _tool(key, default, what), sbp_only=False)
+       for names, key, default, what, help in (
+           (('ecbe', 'ecbe='), 'efficient_conv_bn_eval', _ecbe_default, 'trains',
+            "mmengine's efficient_conv_bn_eval (exact): the dense backbone, or an SBP "
+            "backbone's trainable dense stages; =<paths> names the modules"),
+           (('act_ckpt', 'act_ckpt='), 'activation_checkpointing', _act_ckpt_default,
+            'has an input that needs a gradient',
+            "mmengine's activation_checkpointing (exact, reentrant): the dense stages whose "
+            'input needs a gradient; =<paths> names the modules'),
+           (('sac', 'sac='), 'selective_checkpointing', _sac_default, 'trains',
+            "torch's selective activation checkpointing (exact): convolution outputs saved, "
+            'the rest recomputed, on the trainable dense stages; =<paths> names the modules'))
+       for name in names},
 }
+# the tokens that do not change the gradients (the exact tools, SBP's recompute): a variant
+# trains as the variant without them (amp is not one: it changes the rounding)
+GRADIENT_NEUTRAL = ('with_cp', 'recompute', 'ecbe', 'act_ckpt', 'sac')
 
 
 @dataclass(frozen=True)
@@ -157,6 +229,11 @@ class Variant:
     def amp(self) -> bool:
         return 'amp' in self.tokens
 
+    def gradient_key(self) -> Tuple[Optional[float], Tuple[str, ...]]:
+        """What the gradients depend on: the keep ratio and the other tokens (sorted)."""
+        return self.keep_ratio, tuple(sorted(
+            t for t in self.tokens if _table_key(t).rstrip('=') not in GRADIENT_NEUTRAL))
+
     def model_options(self) -> Dict[str, Any]:
         """The options under ``model.``, keyed from the model config (``backbone.with_cp``)."""
         return {key[len('model.'):]: value for key, value in self.options.items()
@@ -172,6 +249,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, tuple):
         items = ','.join(format_value(v) for v in value)
         return f'({items},)' if len(value) == 1 else f'({items})'
+    if isinstance(value, list):
+        return '[' + ','.join(format_value(v) for v in value) + ']'
     return str(value)
 
 
@@ -211,7 +290,7 @@ def parse_variant(name: str, model: Optional[Mapping] = None) -> Variant:
             raise ValueError(f'variant {name!r}: {token} applies to sbp@R variants only')
     if len(set(tokens)) != len(tokens):
         raise ValueError(f'variant {name!r} repeats a token')
-    parts = _sbp_parts(tokens, model) if keep_ratio is not None else Parts(())
+    names = _sbp_parts(tokens, model) if keep_ratio is not None else ()
     options: Dict[str, Any] = {}
     if keep_ratio is not None:
         options['model.backbone.sbp.keep_ratio'] = keep_ratio
@@ -220,7 +299,10 @@ def parse_variant(name: str, model: Optional[Mapping] = None) -> Variant:
         # the same modules and initial weights as the SBP variants
         options['model.backbone.sbp.keep_ratio'] = 1.0
     setter: Dict[str, str] = {}
-    for token in tokens:
+    # the exact tools' tokens last: their defaults follow the stages the others set
+    tools = [t for t in tokens if _table_key(t).rstrip('=') in ('ecbe', 'act_ckpt', 'sac')]
+    for token in [t for t in tokens if t not in tools] + tools:
+        parts = Parts(names, _stages(model, options, keep_ratio is not None))
         key = _table_key(token)
         try:
             mine = TOKENS[key].options(token[len(key):], parts)
@@ -266,10 +348,31 @@ def _is_sbp(part: Any) -> bool:
     return isinstance(part, Mapping) and str(part.get('type', '')).endswith('SBP')
 
 
-def _sbp_parts(tokens: Tuple[str, ...], model: Optional[Mapping]) -> Parts:
+def _stages(model: Optional[Mapping], options: Mapping[str, Any], sbp: bool
+            ) -> Optional[Stages]:
+    """The backbone's ``Stages`` (None: not a ResNet-style backbone); without ``model``,
+    mmdet's ``ResNet`` defaults (4 stages, none frozen)."""
+    backbone = dict((model or {}).get('backbone') or {})
+    name = str(backbone.get('type', 'ResNet')).split('.')[-1]
+    if not name.startswith(('ResNet', 'ResNeXt', 'RegNet', 'Res2Net')):
+        return None
+    num = int(backbone.get('num_stages', 4))
+    frozen = int(backbone.get('frozen_stages', -1))
+    asked = options.get('model.backbone.sbp.stages',
+                        (backbone.get('sbp') or {}).get('stages'))
+    if not sbp:
+        on: Tuple[bool, ...] = (False,) * num
+    elif asked is not None:
+        on = tuple(bool(s) for s in asked)
+    else:  # stage_switches' default: every trainable stage but the last
+        on = tuple(frozen <= i < num - 1 for i in range(num))
+    return Stages(num, frozen, on)
+
+
+def _sbp_parts(tokens: Tuple[str, ...], model: Optional[Mapping]) -> Tuple[str, ...]:
     names = ['backbone']
     if 'dense_neck' not in tokens and (model is None or _is_sbp(model.get('neck'))):
         names.append('neck')
     names += [part for token, (part, _) in HEADS.items()
               if token in tokens or (model is not None and _is_sbp(model.get(part)))]
-    return Parts(tuple(names))
+    return tuple(names)

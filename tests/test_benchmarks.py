@@ -191,8 +191,16 @@ def test_gpu_benchmark_script_dry_runs_on_the_cpu(tmp_path):
             ('dense', 'fp32'), ('sbp@0.5', 'fp32'), ('sbp@0.75+recompute', 'fp32'),
             ('with_cp', 'fp32'), ('sbp@0.5+cp', 'fp32'), ('amp', 'bf16'), ('sbp@0.5+amp', 'bf16'),
             ('sbp@0.75+recompute+amp', 'bf16'), ('with_cp+amp', 'bf16'),
-            ('sbp@0.5+cp+amp', 'bf16')]
-        assert all(r['step_median_s'] > 0 and r['peak_vs_dense'] is not None for r in rows)
+            ('sbp@0.5+cp+amp', 'bf16'), ('ecbe', 'fp32'), ('act_ckpt', 'fp32'), ('sac', 'fp32'),
+            ('sbp@0.75+recompute+ecbe', 'fp32'), ('sbp@0.75+recompute+act_ckpt', 'fp32'),
+            ('sbp@0.75+recompute+sac', 'fp32'), ('ecbe+amp', 'bf16'), ('act_ckpt+amp', 'bf16'),
+            ('sac+amp', 'bf16'), ('sbp@0.75+recompute+sac+amp', 'bf16')]
+        assert all(r['step_median_s'] > 0 and r['peak_vs_dense'] is not None and r['ops'] > 0
+                   for r in rows)
+        # the study is of Faster R-CNN: it prices that detector's SBP rows only
+        accuracy = {r['variant']: r['accuracy'] for r in rows}
+        assert (accuracy['sbp@0.5+cp'] == 'not measured') == name.startswith('retinanet')
+        assert accuracy['sac'] == 'exact'
 
 
 def test_gpu_benchmark_script_refuses_a_machine_without_cuda():

@@ -149,9 +149,21 @@ def test_refuses_an_optimizer_it_does_not_count() -> None:
 
 
 def test_accuracy_costs_are_the_studys_paired_differences(tmp_path: Path) -> None:
-    study = {'dense': {'0': {'map_1000': 0.30}, '1': {'map_1000': 0.28}},
-             'sbp@0.5': {'0': {'map_1000': 0.29}, '1': {'map_1000': 0.26}, '2': {'map_1000': 0}}}
-    path = tmp_path / 'study.json'
-    path.write_text(json.dumps(study))
-    changes = fit.accuracy_changes(str(path))
-    assert changes['dense'] == 0 and changes['sbp@0.5'] == pytest.approx(-1.5)
+    """The default study is the accuracy tool's accuracy.json; a setting costs what the
+    study's variant with its gradients costs (with_cp and recompute change nothing)."""
+    default = fit.parse_args([TINY_SBP, '--budget-gib', '1', '--batch-size', '1',
+                              '--size', '64', '64'])[1].accuracy
+    study = json.loads(Path(default).read_text())
+    paired = {row['variant']: row['paired_mean'] for row in study['summary']}
+    costs = fit.accuracy_study(default)
+    assert costs.cost('sbp@0.5').mean == paired['sbp@0.5']
+    assert costs.cost('sbp@0.75:recompute:with_cp').mean == paired['sbp@0.75:recompute']
+    assert costs.cost('with_cp').exact and costs.cost('sbp@0.25') is None
+
+
+def test_refuses_an_accuracy_file_that_is_not_a_study(tmp_path: Path, capsys) -> None:
+    path = tmp_path / 'eval1000.json'
+    path.write_text(json.dumps({'dense': {'0': {'map_1000': 0.3}}}))
+    with pytest.raises(SystemExit):
+        run_fit('--budget-gib', '1', '--accuracy', str(path))
+    assert 'no "summary"' in capsys.readouterr().err

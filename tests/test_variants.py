@@ -39,6 +39,10 @@ TOKEN_OPTIONS = {
     'head_exact': {'model.rpn_head.sbp.exact_input_grad': True},
     'head_inverse_keep': {'model.rpn_head.sbp.grad_scale': 'inverse_keep'},
     'head_dense_outputs': {'model.rpn_head.sbp.dense_outputs': True},
+    # the exact tools, without a config: ResNet's stages, SBP on all but the last
+    'ecbe': {'efficient_conv_bn_eval': ['backbone.layer4']},
+    'act_ckpt': {'activation_checkpointing': ['backbone.layer4']},
+    'sac=backbone.layer4,neck': {'selective_checkpointing': ['backbone.layer4', 'neck']},
 }
 
 

@@ -17,9 +17,11 @@ import os
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
+from mmengine.model import is_model_wrapper
 
 import sbp_mmdet  # noqa: F401  registers sbp_mmdet modules, patches checkpoint loading
 from sbp_mmdet.engine import close_distributed, setup_cpu_distributed
+from sbp_mmdet.exact_tools import ExactToolError, prepare_training
 from sbp_mmdet.models import sbp_model_problem
 from sbp_mmdet.utils import (DatasetError, PretrainedWeightsError, ResumeError, build_runner,
                              check_dataset, check_pretrained_weights, load_tool_config,
@@ -96,6 +98,11 @@ def main() -> None:
         raise SystemExit(f'{err}\n(config: {args.config})')
     setup_cpu_distributed(cfg)  # gloo + a CPU DDP wrapper when torch has no CUDA
     runner = build_runner(cfg, args.config)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    try:  # selective_checkpointing=[...]; the exact tools refused where not exact
+        prepare_training(model, cfg)
+    except ExactToolError as err:
+        raise SystemExit(f'{err}\n(config: {args.config})')
     runner.train()
     close_distributed(runner)  # before exit: gloo can abort at shutdown otherwise
 

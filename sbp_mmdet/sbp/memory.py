@@ -32,6 +32,11 @@ class SavedTensorMeter:
         self.by_component: Dict[str, int] = defaultdict(int)
         self._active = ['other']
 
+    def count(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor`` as saved for backward (for storage autograd's hooks do not see,
+        e.g. a non-reentrant checkpoint's)."""
+        self._pack(tensor)
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()

@@ -11,11 +11,25 @@ precision: ``dense`` for fp32 rows, ``amp`` for mixed-precision rows (fp16
 autocast on CUDA, bf16 on the CPU). The console shows progress and the table;
 each variant's full log is written to ``OUT_DIR/logs/``. ``--part backbone_neck``
 trains the backbone and neck alone (where SBP acts, without the heads' costs).
+Every row also counts the aten operators one training step dispatches (forward and
+backward, recompute included): a device-independent proxy for GPU kernel launches.
 
-Example::
+``--interleave`` runs every variant in this one process instead: each is measured once at
+``--size`` (bytes, FLOPs, operators), then all are timed round robin, one step of each in
+turn, at ``--time-size`` (default ``--size``), so that the load of a shared machine hits
+every row alike; no peak memory then (the process holds every model). ``--accuracy`` adds
+each row's mAP change from an accuracy study (``sbp_mmdet/accuracy_study.py``: "exact" for
+settings with dense's gradients), and ``--interleave`` then plots bytes against step time
+with the accuracy at each point (``frontier.png``).
+
+Examples::
 
     python tools/analysis_tools/benchmark_sbp.py configs/faster_rcnn_r50_sbp.py \
         --size 800 1344 --steps 5 --out-dir outputs/benchmark_frcnn
+    python tools/analysis_tools/benchmark_sbp.py configs/faster_rcnn_r50_sbp.py \
+        --variants dense with_cp ecbe sbp@0.75:recompute sbp@0.75:recompute:ecbe \
+        --interleave --time-size 512 832 --accuracy \
+        docs/results/accuracy_finetune_w16_synthetic/accuracy.json --out-dir outputs/frontier
 """
 import argparse
 import csv
@@ -59,6 +73,15 @@ def parse_args(argv=None):
                         help='what each step trains: the whole detector on its losses, or '
                         'the backbone and neck alone on the sum of the neck outputs (where '
                         'SBP acts, without the heads\' costs, e.g. the CPU RoIAlign)')
+    parser.add_argument('--interleave', action='store_true',
+                        help='every variant in this process: measured once at --size, then '
+                        'timed round robin, one step of each in turn, at --time-size')
+    parser.add_argument('--time-size', nargs=2, type=int, default=None, metavar=('H', 'W'),
+                        help='the timed steps\' input size with --interleave (default --size)')
+    parser.add_argument('--accuracy', default=None,
+                        help="an accuracy study's accuracy.json: each row's mAP change to "
+                        'dense ("exact" where the gradients are dense\'s; "not measured" '
+                        'where the study trains another kind of detector than CONFIG)')
     parser.add_argument('--no-plot', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys for every variant, e.g. '
@@ -66,6 +89,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 0 or args.warmup < 0 or args.batch_size < 1 or min(args.size) < 32:
         parser.error('need --steps >= 0, --warmup >= 0, --batch-size >= 1 and --size >= 32')
+    if args.time_size is not None and not args.interleave:
+        parser.error('--time-size goes with --interleave')
+    if args.time_size is not None and min(args.time_size) < 32:
+        parser.error('need --time-size >= 32')
+    args.time_size = args.time_size or args.size
     return args
 
 
@@ -94,17 +122,90 @@ def _run_variant(args, name, queue, log_path):
 # measured key -> its ratio to the dense variant of the same precision
 RATIOS = {'saved_mib': 'saved_vs_dense', 'backward_median_s': 'backward_vs_dense',
           'backward_gflop': 'backward_gflop_vs_dense', 'step_median_s': 'step_vs_dense',
-          'peak_mib': 'peak_vs_dense'}
+          'peak_mib': 'peak_vs_dense', 'ops': 'ops_vs_dense'}
+
+
+def variant_names(args) -> List[str]:
+    return args.variants or CPU_VARIANTS + (CUDA_EXTRA if args.device.startswith('cuda')
+                                            else [])
+
+
+def run_interleaved(args) -> List[dict]:
+    """Every variant in this process: measured once at ``--size``, then timed round robin
+    at ``--time-size`` (see the module docstring)."""
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    from mmengine.utils import ProgressBar
+
+    import sbp_mmdet  # noqa: F401  (registers the SBP modules)
+    from sbp_mmdet.benchmark import build_step, interleaved_step_times, measure_variant
+    from sbp_mmdet.variants import parse_variant
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    MMLogger.get_instance('benchmark_sbp', log_level='WARNING')  # no weight-init log per row
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    names = variant_names(args)
+    variants = [parse_variant(name, cfg.model) for name in names]
+    bar = ProgressBar(len(names) * (1 + args.steps + args.warmup))
+    results = []
+    for variant in variants:
+        results.append(measure_variant(cfg, variant, args.batch_size, *args.size, 0, 0,
+                                       args.device, part=args.part))
+        results[-1].peak_mib = None
+        bar.update()
+    if args.steps:
+        steps = [build_step(cfg, v, args.batch_size, *args.time_size, args.device,
+                            part=args.part) for v in variants]
+        times = interleaved_step_times(steps, args.steps, args.warmup,
+                                       on_round=lambda: bar.update(len(steps)))
+        for result, mine in zip(results, times):
+            result.step_s = mine
+    sys.stdout.write('\n')
+    return [r.summary() for r in results]
 
 
 def run_all(args) -> List[dict]:
-    from mmengine.utils import ProgressBar
-
+    """Every variant's row, with its ratios to the dense variant of its precision."""
     from sbp_mmdet.benchmark import is_reference
     from sbp_mmdet.variants import parse_variant
-    names = args.variants or CPU_VARIANTS + (CUDA_EXTRA if args.device.startswith('cuda')
-                                             else [])
-    variants = [parse_variant(name) for name in names]
+    rows = run_interleaved(args) if args.interleave else run_separately(args)
+    variants = [parse_variant(row['variant']) for row in rows]
+    for variant, row in zip(variants, rows):
+        dense = next((r for v, r in zip(variants, rows)
+                      if is_reference(v) and r['precision'] == row['precision']), None)
+        for key, ratio in RATIOS.items():
+            ref = dense and dense[key]
+            row[ratio] = row[key] / ref if row[key] is not None and ref else None
+    if args.accuracy:
+        add_accuracy(rows, args.accuracy, args.config)
+    return rows
+
+
+def add_accuracy(rows: List[dict], path: str, config: str) -> None:
+    """Each row's mAP change to dense from the study at ``path`` (``'exact'``, the paired
+    mean and 95 % interval, or ``'not measured'``); the study's differences count only where
+    it trains the same kind of detector as ``config`` (its ``model.type``)."""
+    from mmengine.config import Config
+
+    from sbp_mmdet.accuracy_study import AccuracyStudy
+    study = AccuracyStudy(path)
+    mine = Config.fromfile(config).model.type
+    theirs = Config.fromfile(study.config).model.type if os.path.isfile(study.config) else None
+    for row in rows:
+        cost = study.cost(row['variant'])
+        if cost is not None and not cost.exact and theirs != mine:
+            cost = None  # a study of another detector: exact settings only
+        row['accuracy'] = 'not measured' if cost is None else cost.label()
+        row['map_change'] = None if cost is None else cost.mean
+        row['map_ci95'] = None if cost is None else cost.ci95
+
+
+def run_separately(args) -> List[dict]:
+    """Each variant in its own process (its own CPU peak RSS)."""
+    from mmengine.utils import ProgressBar
+    names = variant_names(args)
     log_dir = os.path.join(args.out_dir, 'logs')
     os.makedirs(log_dir, exist_ok=True)
     ctx = mp.get_context('spawn')
@@ -132,32 +233,51 @@ def run_all(args) -> List[dict]:
             raise SystemExit(f'\n{tail}\nvariant {name} failed (exit code {proc.exitcode}); '
                              f'the end of its log is above, the whole log is {log_path}')
     sys.stdout.write('\n')
-    for variant, row in zip(variants, rows):
-        dense = next((r for v, r in zip(variants, rows)
-                      if is_reference(v) and r['precision'] == row['precision']), None)
-        for key, ratio in RATIOS.items():
-            ref = dense and dense[key]
-            row[ratio] = row[key] / ref if row[key] is not None and ref else None
     return rows
 
 
-def format_table(rows: List[dict]) -> str:
+def format_table(rows: List[dict], frontier: bool = False) -> str:
+    """The markdown table; ``frontier``: ``format_frontier``'s (``--interleave``)."""
+    if frontier:
+        return format_frontier(rows)
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
     head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
             + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense',
-               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense'])
+               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense', 'ops/step']
+            + (['mAP vs dense (points)'] if any('accuracy' in r for r in rows) else []))
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [r['variant'], r['precision'], f"{r['saved_mib']:.0f}",
                  _ratio(r['saved_vs_dense'])]
         cells += [f"{r['saved_by_component_mib'].get(c, 0):.0f}" for c in components]
-        cells += [f"{r['peak_mib']:.0f}", _ratio(r['peak_vs_dense']),
+        cells += [_mib(r['peak_mib']), _ratio(r['peak_vs_dense']),
                   _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
                   f"{r['backward_gflop']:.1f}", _ratio(r['backward_gflop_vs_dense']),
-                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense'])]
+                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense']), str(r['ops'])]
+        cells += [r['accuracy']] if 'accuracy' in r else []
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def format_frontier(rows: List[dict]) -> str:
+    """The ``--interleave`` table: bytes, backward FLOPs, operators, step time, accuracy."""
+    head = ['variant', 'precision', 'saved MiB', 'saved vs dense', 'bwd GFLOP',
+            'bwd GFLOP vs dense', 'ops/step', 'ops vs dense', 'step s (median)', 'spread s',
+            'step vs dense', 'mAP vs dense (points, 95 % interval)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        lines.append('| ' + ' | '.join([
+            r['variant'], r['precision'], f"{r['saved_mib']:.0f}", _ratio(r['saved_vs_dense']),
+            f"{r['backward_gflop']:.0f}", _ratio(r['backward_gflop_vs_dense']),
+            str(r['ops']), _ratio(r['ops_vs_dense']), _seconds(r['step_median_s']),
+            _seconds(r['step_spread_s']), _ratio(r['step_vs_dense']),
+            r.get('accuracy', 'not measured')]) + ' |')
+    return '\n'.join(lines)
+
+
+def _mib(value) -> str:
+    return '-' if value is None else f'{value:.0f}'
 
 
 def _seconds(value) -> str:
@@ -176,7 +296,8 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
                 steps=args.steps, warmup=args.warmup, device=args.device,
                 device_name=device_name(args.device),
                 threads=torch.get_num_threads(), torch=torch.__version__,
-                date=time.strftime('%Y-%m-%d'))
+                date=time.strftime('%Y-%m-%d'), interleave=args.interleave,
+                time_size=args.time_size, accuracy=args.accuracy)
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
@@ -190,9 +311,56 @@ def write_outputs(args, rows: List[dict], table: str) -> None:
         f.write(f"{meta['config']}{options}{part}, batch {meta['batch_size']} x {meta['size'][0]}x"
                 f"{meta['size'][1]}, {meta['device']} ({meta['device_name']}, "
                 f"{meta['threads']} threads), torch {meta['torch']}, {meta['date']}\n\n")
+        if args.interleave:
+            f.write(interleave_note(args) + '\n\n')
         f.write(table + '\n')
     if not args.no_plot and args.steps:
-        plot(rows, os.path.join(args.out_dir, 'sbp_vs_keep_ratio.png'))
+        if args.interleave:
+            plot_frontier(rows, meta, os.path.join(args.out_dir, 'frontier.png'))
+        else:
+            plot(rows, os.path.join(args.out_dir, 'sbp_vs_keep_ratio.png'))
+
+
+def interleave_note(args) -> str:
+    """What the ``--interleave`` table measured, and at which sizes."""
+    h, w = args.time_size
+    accuracy = (f'mAP change: paired difference to dense in {args.accuracy} ("exact": the '
+                'same gradients as dense, 0 by construction)' if args.accuracy else '')
+    return (f'Saved bytes, backward GFLOP and operators per step (forward + backward) at '
+            f"{args.batch_size} x {args.size[0]}x{args.size[1]}, one step each; step time: "
+            f'median of {args.steps} steps after {args.warmup} warm-up at {args.batch_size} x '
+            f'{h}x{w}, the rows interleaved (one step of each in turn); random init. '
+            + accuracy)
+
+
+def plot_frontier(rows: List[dict], meta: dict, path: str) -> None:
+    """Bytes saved for backward against step time, both vs dense, one point per row of
+    each precision, labelled with the row's mAP change."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    precisions = sorted({r['precision'] for r in rows}, key=lambda p: (p != 'fp32', p))
+    fig, axes = plt.subplots(1, len(precisions), figsize=(7 * len(precisions), 5.5),
+                             squeeze=False)
+    for ax, prec in zip(axes[0], precisions):
+        for i, r in enumerate(r for r in rows if r['precision'] == prec):
+            if r['step_vs_dense'] is None:
+                continue
+            sbp = r['variant'].startswith('sbp@')
+            ax.plot(r['step_vs_dense'], r['saved_vs_dense'], 'o' if sbp else 's',
+                    color='C0' if sbp else 'C1')
+            ax.annotate(f"{r['variant']}\n{r.get('accuracy', '')}",
+                        (r['step_vs_dense'], r['saved_vs_dense']), textcoords='offset points',
+                        xytext=(5, -10 if i % 2 else 4), fontsize=7)
+        ax.set_xlabel(f"step time vs dense ({meta['time_size'][0]}x{meta['time_size'][1]})")
+        ax.set_ylabel(f"bytes saved for backward vs dense ({meta['size'][0]}x"
+                      f"{meta['size'][1]})")
+        ax.set_title(f"{os.path.basename(meta['config'])}, {prec}; squares: exact, "
+                     'circles: SBP (mAP points)', fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: List[dict], path: str) -> None:
@@ -223,11 +391,12 @@ def plot(rows: List[dict], path: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     rows = run_all(args)
-    table = format_table(rows)
+    table = format_table(rows, frontier=args.interleave)
     print(table)
     write_outputs(args, rows, table)
+    figure = 'frontier.png' if args.interleave else 'sbp_vs_keep_ratio.png'
     print(f'wrote {args.out_dir}/results.json, results.csv, table.md'
-          + ('' if args.no_plot or not args.steps else ', sbp_vs_keep_ratio.png'))
+          + ('' if args.no_plot or not args.steps else f', {figure}'))
 
 
 if __name__ == '__main__':

@@ -9,10 +9,12 @@ autocast with ``--amp``). Its total is those bytes plus the model state: paramet
 buffers, the gradients of the trainable parameters and the optimizer's state (from the
 config's ``optim_wrapper``: one tensor per parameter for SGD with momentum, none without,
 two for Adam and AdamW). The candidates within ``--budget-gib`` are ranked by the mAP change
-the accuracy study measured for their gradients (``--accuracy``: the paired differences to
-dense on 1000 images; ``with_cp`` and recompute do not change the gradients, so a
-composition has the cost of its SBP setting and ``with_cp`` the cost 0 of dense), then by
-backward FLOPs. ``--write`` writes a config that inherits CONFIG and sets the first one.
+the accuracy study measured for their gradients (``--accuracy``: an ``accuracy.json`` of
+``sbp_accuracy.py``, by default the quarter-width R18 fine-tuning study on 1000 images,
+5 seeds; its paired differences to dense, read by ``sbp_mmdet/accuracy_study.py``;
+``with_cp`` and recompute do not change the gradients, so a composition has the cost of its
+SBP setting and ``with_cp`` the cost 0 of dense), then by backward FLOPs. ``--write``
+writes a config that inherits CONFIG and sets the first one.
 
 Scaling: an input of more than ``--measure-pixels`` pixels is not measured itself. Each
 candidate is measured at two smaller sizes of the same aspect (about ``--measure-pixels``
@@ -34,7 +36,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,8 +44,6 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-ACCURACY = os.path.join('docs', 'results', 'accuracy_finetune_eval1000_synthetic',
-                        'eval1000.json')
 GIB = 2**30
 
 
@@ -111,6 +110,7 @@ class Estimate:
     study: str
     options: Dict[str, object]
     map_change: Optional[float]  # mAP points vs dense in the study; None: not measured
+    accuracy: str  # the change as the table shows it: 'exact', mean [95 % interval]
     saved_gib: float
     backward_gflop: float
     total_gib: float
@@ -230,23 +230,13 @@ def model_state_bytes(cfg) -> Dict[str, float]:
                 optimizer_states=states)
 
 
-def accuracy_changes(path: str, metric: str = 'map_1000') -> Dict[str, float]:
-    """Variant -> its mean paired mAP change to dense (points) in an accuracy file
-    (``{variant: {seed: {metric: mAP}}}``)."""
-    if not os.path.isfile(path):
-        raise FitError(f'accuracy file {path!r} does not exist')
-    with open(path) as f:
-        study = json.load(f)
-    if 'dense' not in study:
-        raise FitError(f'accuracy file {path}: it has no dense runs')
-    dense = study['dense']
-    changes = {}
-    for variant, runs in study.items():
-        seeds = sorted(set(runs) & set(dense))
-        if seeds:
-            changes[variant] = 100 * statistics.mean(runs[s][metric] - dense[s][metric]
-                                                     for s in seeds)
-    return changes
+def accuracy_study(path: str):
+    """The study at ``path`` (``sbp_mmdet.accuracy_study.AccuracyStudy``)."""
+    from sbp_mmdet.accuracy_study import AccuracyStudy
+    try:
+        return AccuracyStudy(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise FitError(str(error)) from None
 
 
 def measure(cfg, cand: Candidate, batch_size: int, size: Tuple[int, int],
@@ -266,7 +256,7 @@ def measure(cfg, cand: Candidate, batch_size: int, size: Tuple[int, int],
 def estimate_all(cfg, args, log=print) -> Tuple[List[Estimate], dict]:
     """Every candidate's estimate at ``args``' batch and size (not yet ranked), and the
     model state they share."""
-    changes = accuracy_changes(args.accuracy)
+    study = accuracy_study(args.accuracy)
     state = model_state_bytes(cfg)
     state_gib = (state['parameters'] + state['gradients'] + state['optimizer']) / GIB
     sizes = measure_sizes(*args.size, args.measure_pixels)
@@ -278,8 +268,11 @@ def estimate_all(cfg, args, log=print) -> Tuple[List[Estimate], dict]:
         points = {key: [(pad32(r['size'][0]) * pad32(r['size'][1]), r[key]) for r in runs]
                   for key in ('saved_mib', 'backward_gflop')}
         saved_gib = extrapolate(points['saved_mib'], pixels) / 1024
-        estimates.append(Estimate(cand.name, cand.study, cand.options, changes.get(cand.study),
-                                  saved_gib, extrapolate(points['backward_gflop'], pixels),
+        cost = study.cost(cand.study)
+        estimates.append(Estimate(cand.name, cand.study, cand.options,
+                                  None if cost is None else cost.mean,
+                                  'not measured' if cost is None else cost.label(), saved_gib,
+                                  extrapolate(points['backward_gflop'], pixels),
                                   saved_gib + state_gib, False, runs))
     return estimates, dict(state, state_gib=state_gib, sizes=sizes)
 
@@ -317,13 +310,13 @@ def format_report(args, estimates: List[Estimate], info: dict) -> str:
              f"optimizer {info['optimizer'] / GIB:.2f} ({info['optimizer_states']} state "
              'tensor(s) per trainable parameter)',
              f'mAP change: paired difference to dense in {_shown(args.accuracy)} '
-             '(Faster R-CNN R18-FPN fine-tuning)',
+             '(mean [95 % interval] over its seeds; "exact": the gradients of dense)',
              '',
              '| rank | setting | fits | saved for backward MiB | total GiB | '
-             'mAP vs dense (points) | backward GFLOP |',
+             'mAP vs dense (points, 95 % interval) | backward GFLOP |',
              '|---|---|---|---|---|---|---|']
     for rank, e in enumerate(estimates, 1):
-        change = 'not measured' if e.map_change is None else f'{e.map_change:+.1f}'
+        change = e.accuracy
         lines.append(f"| {rank if e.fits else '-'} | {e.name} | {'yes' if e.fits else 'no'} | "
                      f'{e.saved_gib * 1024:.0f} | {e.total_gib:.3f} | {change} | '
                      f'{e.backward_gflop:.0f} |')
@@ -373,6 +366,7 @@ def _literal(value) -> str:
 
 
 def parse_args(argv=None):
+    from sbp_mmdet.accuracy_study import DEFAULT_STUDY
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='detector config with an SBP backbone')
     parser.add_argument('--budget-gib', type=float, required=True,
@@ -384,8 +378,9 @@ def parse_args(argv=None):
                         help='write a config inheriting CONFIG with the first setting that fits')
     parser.add_argument('--measure-pixels', type=int, default=384 * 640,
                         help='largest input measured; larger sizes are extrapolated')
-    parser.add_argument('--accuracy', default=os.path.join(REPO, ACCURACY),
-                        help='accuracy study file ({variant: {seed: {map_1000: mAP}}})')
+    parser.add_argument('--accuracy', default=os.path.join(REPO, DEFAULT_STUDY),
+                        help="an accuracy study's accuracy.json (tools/analysis_tools/"
+                        'sbp_accuracy.py); default: the quarter-width R18 fine-tuning study')
     parser.add_argument('--out-dir', help='also write fit.md and fit.json there')
     args = parser.parse_args(argv)
     if not args.budget_gib > 0:
