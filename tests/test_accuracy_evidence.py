@@ -22,28 +22,47 @@ SYNTHETIC = REPO / 'configs' / 'synthetic'
 FINETUNE_CONFIGS = sorted(SYNTHETIC.glob('*-finetune.py'))
 DENSE_FINETUNE = SYNTHETIC / 'faster-rcnn_r18_fpn_synthetic-finetune.py'
 SBP_FINETUNE = SYNTHETIC / 'faster-rcnn_r18_fpn_sbp_synthetic-finetune.py'
+CONVNEXT_DENSE_FINETUNE = SYNTHETIC / 'faster-rcnn_convnext-w16_fpn_synthetic-finetune.py'
+CONVNEXT_SBP_FINETUNE = SYNTHETIC / 'faster-rcnn_convnext-w16_fpn_sbp_synthetic-finetune.py'
 
 
 def load_accuracy_tool():
     return load_tool('tools/analysis_tools/sbp_accuracy.py')
 
 
-def shipped_backbone() -> Path:
-    """The pretrained backbone the fine-tuning configs load, in the repository."""
-    return REPO / Config.fromfile(str(DENSE_FINETUNE)).model.backbone.init_cfg.checkpoint
+def shipped_backbone(config: Path = DENSE_FINETUNE) -> Path:
+    """The pretrained backbone ``config`` loads, in the repository."""
+    return REPO / Config.fromfile(str(config)).model.backbone.init_cfg.checkpoint
 
 
-def test_every_finetune_config_loads_the_shipped_backbone_and_its_digest_matches() -> None:
-    path = shipped_backbone()
-    assert path.is_file(), f'{path} is not in the repository'
-    assert len(FINETUNE_CONFIGS) == 4
-    for config in FINETUNE_CONFIGS:
-        assert REPO / Config.fromfile(str(config)).model.backbone.init_cfg.checkpoint == path
+@pytest.mark.parametrize('config', FINETUNE_CONFIGS, ids=lambda path: path.stem)
+def test_finetune_config_loads_its_shipped_backbone_whose_digest_matches(config: Path) -> None:
+    """Each fine-tuning config loads a backbone shipped in configs/synthetic/weights/,
+    named after its sha256 (checked on load), into every weight of its backbone."""
+    from mmdet.registry import MODELS
+    path = shipped_backbone(config)
+    assert path.parent == SYNTHETIC / 'weights' and path.is_file(), path
     digest = expected_digest(str(path))
     assert digest is not None and len(digest) >= 8
     assert file_sha256(str(path)).startswith(digest)
+    init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    check_pretrained_weights(dict(backbone=dict(init_cfg=init_cfg)))
     state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
-    assert 'layer4.1.conv2.weight' in state and 'fc.weight' not in state
+    cfg = Config.fromfile(str(config)).model.backbone
+    cfg.init_cfg.checkpoint = str(path)
+    backbone = MODELS.build(cfg)
+    backbone.init_weights()
+    assert backbone.state_dict().keys() == state.keys()
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_dense_and_sbp_finetune_configs_of_a_backbone_load_the_same_weights() -> None:
+    assert len(FINETUNE_CONFIGS) == 6
+    r18 = {shipped_backbone(c) for c in FINETUNE_CONFIGS if '_r18_' in c.name}
+    convnext = {shipped_backbone(c) for c in FINETUNE_CONFIGS if '_convnext-w16_' in c.name}
+    assert r18 == {shipped_backbone()}
+    assert convnext == {shipped_backbone(CONVNEXT_DENSE_FINETUNE)} != r18
 
 
 def test_an_altered_checkpoint_is_refused_naming_key_file_and_digests(tmp_path: Path) -> None:
@@ -86,28 +105,35 @@ def final_weights(config: Path, folder: Path, name: str, *options: str) -> dict:
         [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir', str(work),
          '--cfg-options', 'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
          'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None', 'randomness.seed=3',
-         f'model.backbone.init_cfg.checkpoint={shipped_backbone()}', *options],
+         f'model.backbone.init_cfg.checkpoint={shipped_backbone(config)}', *options],
         cwd=folder, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=False)['state_dict']
 
 
 @pytest.mark.slow
-def test_dense_config_and_sbp_config_at_keep_1_train_the_same_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize('dense_config, sbp_config, sbp_stage, frozen_stage', [
+    (DENSE_FINETUNE, SBP_FINETUNE, 'backbone.layer2.', 'backbone.layer1.'),
+    (CONVNEXT_DENSE_FINETUNE, CONVNEXT_SBP_FINETUNE, 'backbone.stages.0.', None),
+], ids=['r18', 'convnext-w16'])
+def test_dense_config_and_sbp_config_at_keep_1_train_the_same_run(
+        tmp_path: Path, dense_config: Path, sbp_config: Path, sbp_stage: str,
+        frozen_stage: str) -> None:
     """The study's dense runs are the SBP config at keep ratio 1.0; a user runs the dense
     config. Same seed: the same initial weights, data, flips and RoI sampling, so
     bitwise the same weights after training; keep 0.5 moves them elsewhere."""
     generate_synthetic_coco(str(tmp_path / 'data' / 'synthetic_coco'), num_train=8, num_val=2,
                             progress=False)
-    dense = final_weights(DENSE_FINETUNE, tmp_path, 'dense')
-    sbp_dense = final_weights(SBP_FINETUNE, tmp_path, 'sbp1', 'model.backbone.sbp.keep_ratio=1.0')
+    dense = final_weights(dense_config, tmp_path, 'dense')
+    sbp_dense = final_weights(sbp_config, tmp_path, 'sbp1', 'model.backbone.sbp.keep_ratio=1.0')
     assert dense.keys() == sbp_dense.keys()
     for key in dense:
         torch.testing.assert_close(sbp_dense[key], dense[key], rtol=0, atol=0, msg=key)
-    sbp = final_weights(SBP_FINETUNE, tmp_path, 'sbp05')
+    sbp = final_weights(sbp_config, tmp_path, 'sbp05')
     changed = [k for k in dense if not torch.equal(sbp[k], dense[k])]
-    assert any(k.startswith('backbone.layer2') for k in changed)
-    assert not any(k.startswith('backbone.layer1.') for k in changed)  # frozen stage
+    assert any(k.startswith(sbp_stage) for k in changed)
+    if frozen_stage:
+        assert not any(k.startswith(frozen_stage) for k in changed)
 
 
 def test_t_critical_values_match_the_t_distribution() -> None:

@@ -397,23 +397,28 @@ FINETUNE = REPO / 'configs' / 'synthetic' / 'faster-rcnn_r18_fpn_sbp_synthetic-f
 RETINA_FINETUNE = REPO / 'configs' / 'synthetic' / 'retinanet_r18_fpn_sbp_synthetic-finetune.py'
 
 
-@pytest.mark.parametrize('detector', ['faster-rcnn', 'retinanet'])
-def test_finetune_config_pairs_differ_by_sbp_only(detector: str) -> None:
+@pytest.mark.parametrize('model, backbone, max_iters', [
+    ('faster-rcnn_r18', 'ResNet', 200), ('retinanet_r18', 'ResNet', 400),
+    ('faster-rcnn_convnext-w16', 'mmpretrain.ConvNeXt', 200)])
+def test_finetune_config_pairs_differ_by_sbp_only(model: str, backbone: str,
+                                                  max_iters: int) -> None:
     """The SBP fine-tuning config is its dense baseline with SBP modules and SBPHook (which
     reseeds each step as the dense config's StepSeedHook does)."""
     synthetic = REPO / 'configs' / 'synthetic'
-    dense = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_synthetic-finetune.py'))
-    sbp = Config.fromfile(str(synthetic / f'{detector}_r18_fpn_sbp_synthetic-finetune.py'))
+    dense = Config.fromfile(str(synthetic / f'{model}_fpn_synthetic-finetune.py'))
+    sbp = Config.fromfile(str(synthetic / f'{model}_fpn_sbp_synthetic-finetune.py'))
     assert sbp.model.backbone.pop('sbp') == dict(keep_ratio=0.5, sampling='grid')
-    assert (sbp.model.backbone.type, sbp.model.neck.type) == ('ResNetSBP', 'FPNSBP')
-    sbp.model.backbone.type, sbp.model.neck.type = 'ResNet', 'FPN'
+    sbp_backbone = backbone.split('.')[-1] + 'SBP'
+    assert (sbp.model.backbone.type, sbp.model.neck.type) == (sbp_backbone, 'FPNSBP')
+    assert dense.model.backbone.type == backbone
+    sbp.model.backbone.type, sbp.model.neck.type = backbone, 'FPN'
     assert sbp.model == dense.model
     assert sbp.custom_hooks == [dict(type='SBPHook')]
     assert dense.custom_hooks == [dict(type='StepSeedHook')]
     for key in ('train_dataloader', 'val_evaluator', 'train_cfg', 'param_scheduler',
                 'optim_wrapper'):
         assert sbp[key] == dense[key], key
-    assert dense.train_cfg.max_iters == {'faster-rcnn': 200, 'retinanet': 400}[detector]
+    assert dense.train_cfg.max_iters == max_iters
 
 
 def test_pretrained_backbone_tool_makes_weights_the_finetune_configs_load(

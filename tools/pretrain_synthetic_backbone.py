@@ -7,17 +7,22 @@ name and checked on load), because a remake is not bitwise the same on another
 CPU (its float kernels differ), and a study must start from the same weights
 on every machine. The tool writes a second synthetic
 set (other images, same classes; seed 7 by default, so no image of the
-fine-tuning set is seen), trains the dense demo detector on it with
+fine-tuning set is seen), trains the dense detector of ``--config`` (a
+``*-pretrain.py`` config, whose data root it fills) on it with
 ``tools/train.py`` and saves the backbone's weights alone, as a checkpoint that
-``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads into a ``ResNet`` or
-``ResNetSBP`` (the ``*-finetune.py`` configs). Paths are relative to the working
+``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads into that backbone
+or its SBP class (``ResNet``/``ResNetSBP``, ``mmpretrain.ConvNeXt``/``ConvNeXtSBP``:
+the ``*-finetune.py`` configs). Paths are relative to the working
 directory, as for ``tools/train.py``: run it from the repository root.
 
 Example::
 
-    python tools/pretrain_synthetic_backbone.py      # ~12 min on one CPU thread
+    python tools/pretrain_synthetic_backbone.py      # ResNet-18, ~12 min on one CPU thread
     python tools/train.py configs/synthetic/faster-rcnn_r18_fpn_sbp_synthetic-finetune.py \
         --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/synthetic_r18-w16_backbone.pth
+    python tools/pretrain_synthetic_backbone.py \
+        --config configs/synthetic/faster-rcnn_convnext-w16_fpn_synthetic-pretrain.py \
+        --out checkpoints/synthetic_convnext-w16_backbone.pth    # small ConvNeXt, ~13 min
 """
 import argparse
 import os
