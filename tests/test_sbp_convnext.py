@@ -295,5 +295,5 @@ def test_config_trains_one_iteration_on_the_synthetic_set(workspace, tmp_path, m
     runner = Runner.from_cfg(cfg)
     runner.train()
     assert runner.iter == 1
-    assert runner.model.backbone.sbp_iteration.keep_ratio == 0.5
+    assert runner.model.backbone.sbp_iteration.keep_ratio == 0.75
     assert math.isfinite(runner.message_hub.get_scalar('train/loss').current())
