@@ -8,10 +8,8 @@ custom_imports = dict(imports=['sbp_mmdet'], allow_failed_imports=False)
 
 model = dict(
     # Keep 0.75 + recompute, as the ResNet COCO configs: on the synthetic ConvNeXt study it
-    # is not distinguishable from dense (-0.7 mAP points [-2.0, +0.6]) where keep 0.5 costs
-    # -1.0 [-1.7, -0.4], and on ConvNeXt-T it stores 0.26x of dense's bytes against keep
-    # 0.5's 0.46x, for 0.91x of dense's backward FLOPs against 0.70x (docs/accuracy.md,
-    # "ConvNeXt, fine-tuning"; docs/memory.md).
+    # costs less accuracy than keep 0.5, and on ConvNeXt-T it stores fewer bytes, for more
+    # backward compute (docs/accuracy.md, "ConvNeXt, fine-tuning").
     backbone=dict(type='ConvNeXtSBP',
                   sbp=dict(keep_ratio=0.75, sampling='grid', recompute=True)),
     neck=dict(type='FPNSBP'))
