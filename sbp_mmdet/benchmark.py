@@ -126,7 +126,11 @@ class Measurement:
     convolutions included) as ``torch.utils.flop_counter`` counts them (see
     ``FlopMeter``). Ops outside PyTorch's dispatcher (mmcv's RoIAlign, NMS)
     and elementwise ops are not counted. ``ops`` is the number of aten operators one
-    training step (forward and backward, recompute included) dispatches (``OpCounter``).
+    training step (forward and backward, recompute included) dispatches (``OpCounter``) once
+    its mask layout has been seen (SBP memoises its row bookkeeping per layout,
+    ``sbp_mmdet.sbp.index_cache``: the steady state of training, where grid masks take a few
+    layouts per image height: a second step on the first one's masks);
+    ``first_layout_ops`` is the count of the first step, whose masks are new.
     """
 
     variant: str
@@ -135,6 +139,7 @@ class Measurement:
     saved_by_component_mib: Dict[str, float]
     backward_gflop: float
     ops: Optional[int] = None
+    first_layout_ops: Optional[int] = None
     forward_s: List[float] = field(default_factory=list)
     backward_s: List[float] = field(default_factory=list)
     step_s: List[float] = field(default_factory=list)
@@ -244,7 +249,7 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
                       model_cfg)
     model = step.model
     meter = SavedTensorMeter(model, model_components(model))
-    with OpCounter() as ops:
+    with OpCounter() as first_layout_ops:
         with meter.measure(), observe_selective_saves(meter.count):
             loss = step.loss()
         forward_rss_mib = _max_rss_mib()  # before any backward: the forward-only peak
@@ -253,9 +258,12 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     del loss
     if part == 'detector' and ACT_CKPT in variant.options:
         check_gradients(model, variant.name)
+    rewind_masks(model)  # the same masks again: the steady state's operator count
+    with OpCounter() as ops:
+        step.run()
     result = Measurement(variant.name, precision(variant, device), meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()},
-                         flops.total / 1e9, ops.total)
+                         flops.total / 1e9, ops.total, first_layout_ops.total)
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps if steps else 0):
@@ -279,6 +287,15 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
         result.peak_kind = ('process max RSS (this variant in its own process'
                             + (', forward only)' if not steps else ')'))
     return result
+
+
+def rewind_masks(model: torch.nn.Module) -> None:
+    """Make the next training step of ``model``'s SBP modules draw the masks of the step
+    just run (each mask sampler one step back)."""
+    for module in model.modules():
+        sampler = getattr(module, 'mask_sampler', None)
+        if sampler is not None and sampler.step > 0:
+            sampler.step -= 1
 
 
 def check_gradients(model: torch.nn.Module, name: str) -> None:

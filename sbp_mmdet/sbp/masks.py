@@ -22,10 +22,21 @@ import torch
 from torch import Tensor
 
 from .config import MaskConfig
+from .index_cache import memoised
 from .policies import MaskRequest, build_mask_policy, grid_period, grid_row_mask, num_base_rows
 from .rows import contains_rows, gather_rows, stack_rows
 
 __all__ = ['RowMaskSampler', 'SBPIteration', 'grid_period', 'grid_row_mask']
+
+
+@memoised
+def _kept_rows(base_mask: Tensor, factor: int, height: int) -> Tensor:
+    """``SBPIteration.kept_rows`` of a map ``factor`` times finer than the base."""
+    base_row = (torch.arange(height) // factor).clamp_(max=base_mask.shape[-1] - 1)
+    keep = base_mask[..., base_row]
+    if keep.dim() == 1:
+        return torch.nonzero(keep).flatten()
+    return stack_rows([torch.nonzero(k).flatten() for k in keep], height)
 
 
 class RowMaskSampler:
@@ -129,7 +140,7 @@ class SBPIteration:
 
     def __init__(self, base_mask: Tensor, base_stride: int, keep_ratio: Optional[float] = None,
                  sampling: Optional[str] = None) -> None:
-        self.base_mask = base_mask.to(torch.bool).cpu()
+        self.base_mask = base_mask.to(torch.bool).cpu().clone()  # ours: never written
         self.base_stride = int(base_stride)
         self.keep_ratio = keep_ratio
         self.sampling = sampling
@@ -167,14 +178,8 @@ class SBPIteration:
             if not self.covers(stride):
                 raise ValueError(f'stride {stride} is not covered by the SBP base mask at '
                                  f'stride {self.base_stride}')
-            factor = self.base_stride // stride
-            base_row = (torch.arange(height) // factor).clamp_(max=self.base_mask.shape[-1] - 1)
-            keep = self.base_mask[..., base_row]
-            if keep.dim() == 1:
-                rows = torch.nonzero(keep).flatten()
-            else:
-                rows = stack_rows([torch.nonzero(k).flatten() for k in keep], height)
-            self._rows[key] = rows
+            rows = self._rows[key] = _kept_rows(self.base_mask, self.base_stride // stride,
+                                                height)
         return rows
 
     def kept_fraction(self, stride: int, height: int) -> float:

@@ -10,10 +10,13 @@ all bands of one length go through the ordinary convolution kernels as one
 batch. Kernels of height 1 need no bands.
 
 Row indices live on the CPU (``to_device`` moves them to a GPU without a
-stream synchronisation); rows move with one indexing op per tensor (few
-large ops: on a busy CPU each op pays a thread-pool synchronisation), and
-shared rows with ``index_select``/``index_copy_`` rather than advanced
-indexing (``x[:, :, rows]``), which is several times slower on the CPU.
+stream synchronisation, once per index tensor); rows move with one indexing
+op per tensor (few large ops: on a busy CPU each op pays a thread-pool
+synchronisation), and shared rows with ``index_select``/``index_copy_``
+rather than advanced indexing (``x[:, :, rows]``), which is several times
+slower on the CPU. The bookkeeping on row sets (halos, bands, positions) is
+memoised by the rows' values (``index_cache.py``): a mask layout seen before
+costs no index operator.
 
 Row sets are ``(R,)`` tensors, shared by every image of the batch, or ``(N, R)``
 tensors, one sorted row list per image (per-image masks; every image has the
@@ -28,31 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def to_device(index: Tensor, device: torch.device) -> Tensor:
-    """``index`` (row indices or a row mask, kept on the CPU) on ``device``.
-
-    To a GPU the copy goes through pinned memory and does not block: a plain
-    ``.to(device)`` from pageable memory makes the host wait for every kernel
-    already queued on the stream, once per row op. PyTorch's pinned-memory
-    cache keeps the staging buffer until the copy has run.
-    """
-    if index.device == device:
-        return index
-    if device.type == 'cuda':
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+from .index_cache import memoised, same_rows, to_device
 
 
 def gather_rows(data: Tensor, positions: Tensor) -> Tensor:
     """``data[:, :, positions]``, per image for ``(N, R)`` positions (one
     indexing op; ``data`` itself for all rows)."""
-    count = positions.shape[-1]
-    if count == data.shape[2] and bool((positions == torch.arange(count)).all()):
+    if _all_rows(positions, data.shape[2]):
         return data
     if positions.dim() == 2:
         return torch.gather(data, 2, _row_index(to_device(positions, data.device), data.shape))
     return data.index_select(2, to_device(positions, data.device))
+
+
+@memoised
+def _all_rows(positions: Tensor, height: int) -> bool:
+    """Whether ``positions`` are ``0 .. height - 1`` in order (for every image)."""
+    count = positions.shape[-1]
+    return count == height and bool((positions == torch.arange(count)).all())
 
 
 def add_rows_(out: Tensor, positions: Tensor, src: Tensor) -> Tensor:
@@ -92,7 +88,7 @@ class RowSum:
         """Add ``grad``, the gradient at ``rows`` (sorted and unique)."""
         grad = grad.to(self.dtype)
         for i, (known, total) in enumerate(self.parts):
-            if known.shape == rows.shape and torch.equal(known, rows):
+            if same_rows(known, rows):
                 self.parts[i] = (known, total + grad)
                 return
         self.parts.append((rows, grad))
@@ -131,6 +127,7 @@ def stack_rows(parts: Sequence[Tensor], height: int) -> Tensor:
     return torch.stack(filled)
 
 
+@memoised
 def contains_rows(rows: Tensor, subset: Tensor) -> bool:
     """Whether every row of ``subset`` is in ``rows`` (image by image for (N, R))."""
     if rows.dim() != subset.dim():
@@ -143,7 +140,12 @@ def contains_rows(rows: Tensor, subset: Tensor) -> bool:
 
 def union_rows(parts: Sequence[Tensor], height: int) -> Tensor:
     """Sorted union of row sets (image by image for (N, R), then ``stack_rows``)."""
-    joined = torch.cat(list(parts), dim=-1)
+    return _union_rows(height, *parts)
+
+
+@memoised
+def _union_rows(height: int, *parts: Tensor) -> Tensor:
+    joined = torch.cat(parts, dim=-1)
     if joined.dim() == 1:
         return torch.unique(joined)
     return stack_rows([torch.unique(rows) for rows in joined], height)
@@ -160,17 +162,8 @@ class Packed:
     def positions(self, rows: Tensor) -> Tensor:
         """Positions of absolute ``rows`` in ``data``; -1 where a row is absent
         (image by image when either row set is per image)."""
-        inside = (rows >= 0) & (rows < self.height)
-        clamped = rows.clamp(0, self.height - 1)
-        if self.rows.dim() == 1 and rows.dim() == 1:
-            lut = torch.full((self.height,), -1, dtype=torch.long)
-            lut[self.rows] = torch.arange(len(self.rows))
-            return torch.where(inside, lut[clamped], -1)
-        n = self.data.shape[0]
-        own = self.rows.expand(n, -1)
-        lut = torch.full((n, self.height), -1, dtype=torch.long)
-        lut.scatter_(1, own, torch.arange(own.shape[1]).expand_as(own))
-        return torch.where(inside, lut.gather(1, clamped.expand(n, -1)), -1)
+        per_image = self.rows.dim() == 2 or rows.dim() == 2
+        return _positions(self.rows, self.height, rows, self.data.shape[0] if per_image else 0)
 
     def image(self, index: int) -> 'Packed':
         """Image ``index`` alone, with its own row list."""
@@ -179,9 +172,25 @@ class Packed:
 
     def take(self, rows: Tensor) -> Tensor:
         """Values at absolute ``rows``; rows absent or outside the map are zero."""
-        if rows is self.rows or (rows.shape == self.rows.shape and torch.equal(rows, self.rows)):
+        if same_rows(rows, self.rows):
             return self.data
         return _gather_or_zero(self.data, self.positions(rows))
+
+
+@memoised
+def _positions(own: Tensor, height: int, rows: Tensor, n: int) -> Tensor:
+    """``Packed.positions`` of rows ``own`` of a map of ``height`` (``n`` images
+    when either row set is per image, else 0)."""
+    inside = (rows >= 0) & (rows < height)
+    clamped = rows.clamp(0, height - 1)
+    if not n:
+        lut = torch.full((height,), -1, dtype=torch.long)
+        lut[own] = torch.arange(len(own))
+        return torch.where(inside, lut[clamped], -1)
+    own = own.expand(n, -1)
+    lut = torch.full((n, height), -1, dtype=torch.long)
+    lut.scatter_(1, own, torch.arange(own.shape[1]).expand_as(own))
+    return torch.where(inside, lut.gather(1, clamped.expand(n, -1)), -1)
 
 
 @dataclass(frozen=True)
@@ -203,28 +212,88 @@ class RowGeometry:
 
     def input_rows(self, out_rows: Tensor, in_height: int) -> Tensor:
         """Input rows that the outputs at ``out_rows`` read (inside the map)."""
-        if out_rows.dim() == 2:
-            return stack_rows([self.input_rows(rows, in_height) for rows in out_rows], in_height)
-        taps = torch.arange(self.kernel) * self.dilation - self.padding
-        rows = (out_rows[:, None] * self.stride + taps).flatten()
-        return torch.unique(rows[(rows >= 0) & (rows < in_height)])
+        return _input_rows(self, out_rows, in_height)
 
-    def bands(self, out_rows: Tensor) -> List[Tuple[Tensor, Tensor]]:
-        """Group ``out_rows`` into runs of equal length ``t``.
+    def bands(self, out_rows: Tensor) -> List['Band']:
+        """Group ``out_rows`` into runs (bands) of equal length, one ``Band``
+        per length."""
+        return _bands(self, out_rows)
 
-        Returns, per length, ``(first_rows, out_pos)``: the first output row
-        of each band and the positions in ``out_rows`` of the bands' outputs
-        (band-major). A band of ``t`` outputs reads the ``(t - 1) * stride +
-        span`` input rows from ``first_row * stride - padding`` on.
-        """
-        breaks = torch.nonzero(torch.diff(out_rows) != 1).flatten() + 1
-        starts = torch.cat([breaks.new_zeros(1), breaks])
-        lengths = torch.diff(torch.cat([starts, breaks.new_tensor([len(out_rows)])]))
-        groups = []
-        for t in torch.unique(lengths).tolist():
-            first = starts[lengths == t]
-            groups.append((out_rows[first], (first[:, None] + torch.arange(t)).flatten()))
-        return groups
+
+@dataclass(frozen=True)
+class Band:
+    """The runs of one length ``t`` of a conv's output rows.
+
+    ``first_in``: the first input row each run reads (``first_out * stride -
+    padding``); ``out_pos``: the positions of the runs' outputs in the output
+    row set (run-major); ``length``: the ``(t - 1) * stride + span`` input rows
+    a run reads.
+    """
+
+    first_in: Tensor
+    out_pos: Tensor
+    t: int
+    length: int
+
+    @property
+    def count(self) -> int:
+        return len(self.first_in)
+
+
+@memoised
+def _input_rows(geom: RowGeometry, out_rows: Tensor, in_height: int) -> Tensor:
+    if out_rows.dim() == 2:
+        return stack_rows([_input_rows(geom, rows, in_height) for rows in out_rows], in_height)
+    taps = torch.arange(geom.kernel) * geom.dilation - geom.padding
+    rows = (out_rows[:, None] * geom.stride + taps).flatten()
+    return torch.unique(rows[(rows >= 0) & (rows < in_height)])
+
+
+@memoised
+def _bands(geom: RowGeometry, out_rows: Tensor) -> List[Band]:
+    breaks = torch.nonzero(torch.diff(out_rows) != 1).flatten() + 1
+    starts = torch.cat([breaks.new_zeros(1), breaks])
+    lengths = torch.diff(torch.cat([starts, breaks.new_tensor([len(out_rows)])]))
+    groups = []
+    for t in torch.unique(lengths).tolist():
+        first = starts[lengths == t]
+        groups.append(Band(out_rows[first] * geom.stride - geom.padding,
+                           (first[:, None] + torch.arange(t)).flatten(), t,
+                           (t - 1) * geom.stride + geom.span))
+    return groups
+
+
+@memoised
+def _shifted(rows: Tensor, stride: int, padding: int) -> Tensor:
+    """``rows * stride - padding``: the input rows of a 1-row kernel's outputs."""
+    return rows * stride - padding
+
+
+@memoised
+def _absent(positions: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """``positions`` with -1 clamped to 0, and where they were -1 (indices for
+    ``(R,)`` positions, a mask for ``(N, R)``; None when none is)."""
+    absent = positions < 0
+    if not bool(absent.any()):
+        return positions, None
+    where = absent[:, None, :, None] if positions.dim() == 2 else torch.nonzero(absent).flatten()
+    return positions.clamp(min=0), where
+
+
+@memoised
+def _present(positions: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """The positions that are not -1, and their indices (None when all are)."""
+    inside = positions >= 0
+    if bool(inside.all()):
+        return positions, None
+    keep = torch.nonzero(inside).flatten()
+    return positions[keep], keep
+
+
+@memoised
+def _band_input_rows(first_in: Tensor, length: int) -> Tensor:
+    """The input rows of runs of ``length`` rows from ``first_in``, run-major."""
+    return (first_in[:, None] + torch.arange(length)).flatten()
 
 
 def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
@@ -232,54 +301,59 @@ def _gather_or_zero(data: Tensor, positions: Tensor) -> Tensor:
     if len(data.shape) and data.shape[2] == 0:
         n, c, _, w = data.shape
         return data.new_zeros(n, c, positions.shape[-1], w)
-    out = gather_rows(data, positions.clamp(min=0))
-    absent = positions < 0
-    if not bool(absent.any()):
+    clamped, absent = _absent(positions)
+    out = gather_rows(data, clamped)
+    if absent is None:
         return out
     if out is data:  # the clamped positions happen to be all rows: do not zero ``data``
         out = out.clone()
     if positions.dim() == 2:
-        return out.masked_fill_(to_device(absent[:, None, :, None], out.device), 0)
-    return out.index_fill_(2, to_device(torch.nonzero(absent).flatten(), out.device), 0)
+        return out.masked_fill_(to_device(absent, out.device), 0)
+    return out.index_fill_(2, to_device(absent, out.device), 0)
 
 
 def _band_positions(src: Packed, first_in: Tensor, length: int) -> Tensor:
     """Positions in ``src`` of the rows of each band, band-major; -1 outside."""
-    return src.positions((first_in[:, None] + torch.arange(length)).flatten())
+    return src.positions(_band_input_rows(first_in, length))
 
 
 def _band_batch(src: Packed, first_in: Tensor, length: int) -> Tensor:
     """Input bands of ``length`` rows starting at absolute rows ``first_in``
     as an ``(N * nb, C, length, W)`` batch (zeros outside the map)."""
-    n, c, _, w = src.data.shape
-    rows = _gather_or_zero(src.data, _band_positions(src, first_in, length))
-    return rows.view(n, c, len(first_in), length, w).transpose(1, 2).reshape(
-        n * len(first_in), c, length, w)
+    return _to_bands(_gather_or_zero(src.data, _band_positions(src, first_in, length)),
+                     len(first_in))
 
 
 def _scatter_bands_(grad: Packed, first_in: Tensor, bands: Tensor) -> None:
     """Add ``(N * nb, C, length, W)`` band gradients into the packed ``grad``."""
-    n, c, length, w = grad.data.shape[0], bands.shape[1], bands.shape[2], bands.shape[3]
-    rows = bands.view(n, -1, c, length, w).transpose(1, 2).reshape(n, c, -1, w)
-    positions = _band_positions(grad, first_in, length)
-    inside = positions >= 0
-    if not bool(inside.all()):
-        keep = torch.nonzero(inside).flatten()
-        rows, positions = gather_rows(rows, keep), positions[keep]
+    rows = _unband(bands, grad.data.shape[0])
+    positions, keep = _present(_band_positions(grad, first_in, bands.shape[2]))
+    if keep is not None:
+        rows = gather_rows(rows, keep)
     add_rows_(grad.data, positions, rows)
 
 
+def _to_bands(rows: Tensor, count: int) -> Tensor:
+    """(N, C, nb * t, W) band-major rows -> an (N * nb, C, t, W) batch (``rows``
+    itself for one band)."""
+    if count == 1:
+        return rows
+    n, c, _, w = rows.shape
+    return rows.view(n, c, count, -1, w).transpose(1, 2).reshape(n * count, c, -1, w)
+
+
 def _unband(data: Tensor, n: int) -> Tensor:
-    """(N * nb, C, t, W) -> (N, C, nb * t, W), band-major rows."""
+    """(N * nb, C, t, W) -> (N, C, nb * t, W), band-major rows (``data`` itself
+    for one band)."""
     nb, c, t, w = data.shape
+    if nb == n:
+        return data
     return data.view(n, nb // n, c, t, w).transpose(1, 2).reshape(n, c, -1, w)
 
 
 def _band_rows(data: Tensor, out_pos: Tensor, count: int) -> Tensor:
     """Rows ``out_pos`` (band-major) of ``data`` as an (N * nb, C, t, W) batch."""
-    n, c, _, w = data.shape
-    rows = gather_rows(data, out_pos)
-    return rows.view(n, c, count, -1, w).transpose(1, 2).reshape(n * count, c, -1, w)
+    return _to_bands(gather_rows(data, out_pos), count)
 
 
 def _conv_args(conv: nn.Conv2d, row_stride: int) -> dict:
@@ -303,18 +377,19 @@ def conv_rows(conv: nn.Conv2d, src: Packed, out_rows: Tensor) -> Tensor:
     weight, bias = _weights(conv, src.data.dtype)
     if geom.kernel == 1:
         args = _conv_args(conv, 1)
-        return F.conv2d(src.take(out_rows * geom.stride - geom.padding), weight, bias,
+        return F.conv2d(src.take(_shifted(out_rows, geom.stride, geom.padding)), weight, bias,
                         args['stride'], args['padding'], args['dilation'], args['groups'])
     args = _conv_args(conv, geom.stride)
+    bands = geom.bands(out_rows)
     out = None
-    for first, out_pos in geom.bands(out_rows):
-        t = len(out_pos) // len(first)
-        length = (t - 1) * geom.stride + geom.span
-        res = F.conv2d(_band_batch(src, first * geom.stride - geom.padding, length), weight,
-                       bias, args['stride'], args['padding'], args['dilation'], args['groups'])
+    for band in bands:
+        res = F.conv2d(_band_batch(src, band.first_in, band.length), weight, bias,
+                       args['stride'], args['padding'], args['dilation'], args['groups'])
+        if len(bands) == 1:  # one run length: the runs' outputs are the rows in order
+            return _unband(res, n)
         if out is None:
             out = res.new_empty(n, res.shape[1], len(out_rows), res.shape[3])
-        out.index_copy_(2, to_device(out_pos, out.device), _unband(res, n))
+        out.index_copy_(2, to_device(band.out_pos, out.device), _unband(res, n))
     return out
 
 
@@ -345,19 +420,18 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
             conv.bias is not None and conv.bias.requires_grad]
     bias_sizes = [conv.weight.shape[0]] if mask[2] else None
     if geom.kernel == 1:
-        in_rows = out_rows * geom.stride - geom.padding
+        in_rows = _shifted(out_rows, geom.stride, geom.padding)
         args = _conv_args(conv, 1)
         gi, gw, gb = torch.ops.aten.convolution_backward(
             grad_out, src.take(in_rows), weight, bias_sizes, args['stride'],
             args['padding'], args['dilation'], False, [0, 0], args['groups'], mask)
         grad_in = None
-        if need_input and len(in_rows) == len(src.rows) and torch.equal(in_rows, src.rows):
+        if need_input and same_rows(in_rows, src.rows):
             grad_in = Packed(gi, src.rows, src.height)  # one output row per stored row
         elif need_input:
             grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height)
-            inside = (in_rows >= 0) & (in_rows < src.height)
-            add_rows_(grad_in.data, grad_in.positions(in_rows[inside]),
-                      gather_rows(gi, torch.nonzero(inside).flatten()))
+            positions, keep = _present(grad_in.positions(in_rows))
+            add_rows_(grad_in.data, positions, gi if keep is None else gather_rows(gi, keep))
         return grad_in, gw, gb
     args = _conv_args(conv, geom.stride)
     # a stride-1 "same" conv whose input keeps the output's rows: the input gradient of each
@@ -365,32 +439,34 @@ def conv_rows_backward(conv: nn.Conv2d, src: Packed, out_rows: Tensor, grad_out:
     # at the band's own rows, not at its halo
     at_kept = need_input and kept_input and geom.stride == 1 \
         and geom.span == 2 * geom.padding + 1
+    all_bands = geom.bands(out_rows)
     grad_in = None
     if at_kept:
         mask[0] = False
-        grad_in = Packed(grad_out.new_empty(src.data.shape[0], src.data.shape[1],
-                                            len(out_rows), src.data.shape[3]),
-                         out_rows, src.height)
+        if len(all_bands) > 1:
+            grad_in = Packed(grad_out.new_empty(src.data.shape[0], src.data.shape[1],
+                                                len(out_rows), src.data.shape[3]),
+                             out_rows, src.height)
     elif need_input:
         grad_in = Packed(src.data.new_zeros(src.data.shape), src.rows, src.height)
     grad_w = grad_b = None
-    for first, out_pos in geom.bands(out_rows):
-        count = len(first)
-        t = len(out_pos) // count
-        first_in = first * geom.stride - geom.padding
-        bands = _band_batch(src, first_in, (t - 1) * geom.stride + geom.span)
-        grad_bands = _band_rows(grad_out, out_pos, count)
+    for band in all_bands:
+        bands = _band_batch(src, band.first_in, band.length)
+        grad_bands = _band_rows(grad_out, band.out_pos, band.count)
         gi, gw, gb = torch.ops.aten.convolution_backward(
             grad_bands, bands, weight, bias_sizes, args['stride'], args['padding'],
             args['dilation'], False, [0, 0], args['groups'], mask)
         if at_kept:
-            gi = torch.nn.grad.conv2d_input(
-                (grad_bands.shape[0], bands.shape[1], t, bands.shape[3]), weight, grad_bands,
-                conv.stride, conv.padding, conv.dilation, conv.groups)
-            grad_in.data.index_copy_(2, to_device(out_pos, gi.device),
-                                     _unband(gi, src.data.shape[0]))
+            gi = _unband(torch.nn.grad.conv2d_input(
+                (grad_bands.shape[0], bands.shape[1], band.t, bands.shape[3]), weight,
+                grad_bands, conv.stride, conv.padding, conv.dilation, conv.groups),
+                src.data.shape[0])
+            if len(all_bands) == 1:  # one run length: the runs' rows are the rows in order
+                grad_in = Packed(gi, out_rows, src.height)
+            else:
+                grad_in.data.index_copy_(2, to_device(band.out_pos, gi.device), gi)
         elif need_input:
-            _scatter_bands_(grad_in, first_in, gi)
+            _scatter_bands_(grad_in, band.first_in, gi)
         if mask[1]:
             grad_w = gw if grad_w is None else grad_w + gw
         if mask[2]:

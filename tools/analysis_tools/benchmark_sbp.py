@@ -12,7 +12,9 @@ autocast on CUDA, bf16 on the CPU). The console shows progress and the table;
 each variant's full log is written to ``OUT_DIR/logs/``. ``--part backbone_neck``
 trains the backbone and neck alone (where SBP acts, without the heads' costs).
 Every row also counts the aten operators one training step dispatches (forward and
-backward, recompute included): a device-independent proxy for GPU kernel launches.
+backward, recompute included): a device-independent proxy for GPU kernel launches. SBP
+memoises its row bookkeeping per mask layout, so ``ops/step`` is a step on masks seen before
+(the steady state of training), ``ops, new masks`` the first step on new ones.
 
 ``--interleave`` runs every variant in this one process instead: each is measured once at
 ``--size`` (bytes, FLOPs, operators), then all are timed round robin, one step of each in
@@ -122,7 +124,8 @@ def _run_variant(args, name, queue, log_path):
 # measured key -> its ratio to the dense variant of the same precision
 RATIOS = {'saved_mib': 'saved_vs_dense', 'backward_median_s': 'backward_vs_dense',
           'backward_gflop': 'backward_gflop_vs_dense', 'step_median_s': 'step_vs_dense',
-          'peak_mib': 'peak_vs_dense', 'ops': 'ops_vs_dense'}
+          'peak_mib': 'peak_vs_dense', 'ops': 'ops_vs_dense',
+          'first_layout_ops': 'first_layout_ops_vs_dense'}
 
 
 def variant_names(args) -> List[str]:
@@ -176,8 +179,8 @@ def run_all(args) -> List[dict]:
         dense = next((r for v, r in zip(variants, rows)
                       if is_reference(v) and r['precision'] == row['precision']), None)
         for key, ratio in RATIOS.items():
-            ref = dense and dense[key]
-            row[ratio] = row[key] / ref if row[key] is not None and ref else None
+            ref = dense and dense.get(key)
+            row[ratio] = row[key] / ref if row.get(key) is not None and ref else None
     if args.accuracy:
         add_accuracy(rows, args.accuracy, args.config)
     return rows
@@ -243,7 +246,8 @@ def format_table(rows: List[dict], frontier: bool = False) -> str:
     components = sorted({c for r in rows for c in r['saved_by_component_mib']})
     head = (['variant', 'precision', 'saved MiB', 'vs dense'] + [f'{c} MiB' for c in components]
             + ['peak MiB', 'peak vs dense', 'fwd s', 'bwd s', 'bwd vs dense',
-               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense', 'ops/step']
+               'bwd GFLOP', 'bwd GFLOP vs dense', 'step s', 'step vs dense', 'ops/step',
+               'ops vs dense', 'ops, new masks']
             + (['mAP vs dense (points)'] if any('accuracy' in r for r in rows) else []))
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -254,7 +258,8 @@ def format_table(rows: List[dict], frontier: bool = False) -> str:
                   _seconds(r['forward_median_s']),
                   _seconds(r['backward_median_s']), _ratio(r['backward_vs_dense']),
                   f"{r['backward_gflop']:.1f}", _ratio(r['backward_gflop_vs_dense']),
-                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense']), str(r['ops'])]
+                  _seconds(r['step_median_s']), _ratio(r['step_vs_dense']), str(r['ops']),
+                  _ratio(r['ops_vs_dense']), _count(r.get('first_layout_ops'))]
         cells += [r['accuracy']] if 'accuracy' in r else []
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -263,17 +268,23 @@ def format_table(rows: List[dict], frontier: bool = False) -> str:
 def format_frontier(rows: List[dict]) -> str:
     """The ``--interleave`` table: bytes, backward FLOPs, operators, step time, accuracy."""
     head = ['variant', 'precision', 'saved MiB', 'saved vs dense', 'bwd GFLOP',
-            'bwd GFLOP vs dense', 'ops/step', 'ops vs dense', 'step s (median)', 'spread s',
+            'bwd GFLOP vs dense', 'ops/step', 'ops vs dense', 'ops, new masks',
+            'step s (median)', 'spread s',
             'step vs dense', 'mAP vs dense (points, 95 % interval)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         lines.append('| ' + ' | '.join([
             r['variant'], r['precision'], f"{r['saved_mib']:.0f}", _ratio(r['saved_vs_dense']),
             f"{r['backward_gflop']:.0f}", _ratio(r['backward_gflop_vs_dense']),
-            str(r['ops']), _ratio(r['ops_vs_dense']), _seconds(r['step_median_s']),
+            str(r['ops']), _ratio(r['ops_vs_dense']), _count(r.get('first_layout_ops')),
+            _seconds(r['step_median_s']),
             _seconds(r['step_spread_s']), _ratio(r['step_vs_dense']),
             r.get('accuracy', 'not measured')]) + ' |')
     return '\n'.join(lines)
+
+
+def _count(value) -> str:
+    return '-' if value is None else str(value)
 
 
 def _mib(value) -> str:
