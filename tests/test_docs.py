@@ -391,7 +391,7 @@ def test_config_sbp_settings_parse_and_match_configs_readme(row):
 
 RESULT_NAME = re.compile(
     r'^(?P<model>[a-z0-9_.]+?)_(?P<part>detector|backbone_neck)'
-    r'_(?P<metric>memory|speed|flops|grad_fidelity|frontier)_(?P<size>\d+x\d+)'
+    r'_(?P<metric>memory|speed|flops|grad_fidelity|frontier|ops)_(?P<size>\d+x\d+)'
     r'_(?P<setting>[a-z0-9_]+?)(?:_(?P<cpu>intel|amx|epyc))?(?:\.md|\.json)?$')
 ACCURACY_NAME = re.compile(r'^accuracy_(?:[a-z0-9_]+_)?synthetic(?:_[a-z0-9]+)?$')
 
