@@ -7,7 +7,7 @@ from mmengine.config import Config
 
 from sbp_mmdet.benchmark import OpCounter, measure_variant
 from sbp_mmdet.sbp import index_cache
-from sbp_mmdet.sbp.index_cache import memoised, row_key, same_rows
+from sbp_mmdet.sbp.index_cache import memoised, row_key, same_rows, to_device
 from sbp_mmdet.sbp.rows import Packed, RowGeometry
 from sbp_mmdet.variants import parse_variant
 
@@ -58,6 +58,16 @@ def test_same_rows_compares_values_shapes_and_per_image_rows():
 def test_row_key_refuses_values_that_are_not_rows():
     with pytest.raises(TypeError, match='index or mask tensor, got torch.float32'):
         row_key(torch.zeros(2))
+
+
+def test_index_moves_to_a_device_once():
+    """A memoised row tensor is copied to the device at its first use only ('meta' stands
+    in for a GPU here: the copy path is the same)."""
+    rows = torch.tensor([0, 2, 3])
+    on_device = to_device(rows, torch.device('meta'))
+    assert on_device.device.type == 'meta' and on_device.shape == rows.shape
+    assert to_device(rows, torch.device('meta')) is on_device
+    assert to_device(rows, torch.device('cpu')) is rows
 
 
 def test_memoised_bookkeeping_gives_the_same_rows_as_computed_afresh():
