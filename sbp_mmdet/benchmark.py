@@ -229,7 +229,7 @@ def build_step(config: Config, variant: Variant, batch_size: int, height: int, w
 def measure_variant(config: Config, variant: Variant, batch_size: int, height: int, width: int,
                     steps: int, warmup: int, device: str, seed: int = 0,
                     on_step=None, part: str = 'detector',
-                    model_cfg: Optional[dict] = None) -> Measurement:
+                    model_cfg: Optional[dict] = None, count_ops: bool = True) -> Measurement:
     """Build the detector as ``variant`` and measure saved bytes, backward FLOPs,
     dispatched operators and step times.
 
@@ -240,6 +240,9 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     ``part`` is what each step trains (``PARTS``): ``'detector'``, the whole
     detector on its losses, or ``'backbone_neck'``, the backbone and neck alone
     on the sum of the neck's outputs (where SBP acts, without the heads' costs).
+
+    ``count_ops=False`` skips the second step that counts the steady state's operators
+    (``ops`` and ``first_layout_ops`` are then None).
 
     Raises:
         RuntimeError: with mmengine's activation checkpointing, a trainable parameter got no
@@ -258,12 +261,15 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
     del loss
     if part == 'detector' and ACT_CKPT in variant.options:
         check_gradients(model, variant.name)
-    rewind_masks(model)  # the same masks again: the steady state's operator count
-    with OpCounter() as ops:
-        step.run()
+    ops = None
+    if count_ops:
+        rewind_masks(model)  # the same masks again: the steady state's operator count
+        with OpCounter() as steady_ops:
+            step.run()
+        ops = steady_ops.total
     result = Measurement(variant.name, precision(variant, device), meter.mebibytes,
                          {k: v / 2**20 for k, v in meter.by_component.items()},
-                         flops.total / 1e9, ops.total, first_layout_ops.total)
+                         flops.total / 1e9, ops, first_layout_ops.total if count_ops else None)
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps if steps else 0):

@@ -109,3 +109,13 @@ def test_operator_counter_counts_every_dispatched_operator():
     with OpCounter() as ops:
         torch.ones(2).add(1).relu()
     assert ops.total == 3
+
+
+def test_measuring_without_counting_operators_runs_one_step():
+    """``count_ops=False`` (sbp_fit's candidates) measures bytes and FLOPs from the one step."""
+    cfg = Config.fromfile(str(REPO / 'configs' / 'synthetic'
+                              / 'faster-rcnn_r18_fpn_sbp_synthetic.py'))
+    result = measure_variant(cfg, parse_variant('sbp@0.5', cfg.model), 1, 64, 96, 0, 0, 'cpu',
+                             count_ops=False)
+    assert result.ops is None and result.first_layout_ops is None
+    assert result.saved_mib > 0 and result.backward_gflop > 0

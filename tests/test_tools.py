@@ -398,7 +398,7 @@ RETINA_FINETUNE = REPO / 'configs' / 'synthetic' / 'retinanet_r18_fpn_sbp_synthe
 
 
 @pytest.mark.parametrize('model, backbone, max_iters', [
-    ('faster-rcnn_r18', 'ResNet', 200), ('retinanet_r18', 'ResNet', 400),
+    ('faster-rcnn_r18', 'ResNet', 200), ('retinanet_r18', 'ResNet', 800),
     ('faster-rcnn_convnext-w16', 'mmpretrain.ConvNeXt', 200)])
 def test_finetune_config_pairs_differ_by_sbp_only(model: str, backbone: str,
                                                   max_iters: int) -> None:

@@ -248,7 +248,7 @@ def measure(cfg, cand: Candidate, batch_size: int, size: Tuple[int, int],
     run.merge_from_dict(cand.options)
     variant = Variant(cand.name, None, ('amp',) if amp else (), {})  # name and precision
     result = measure_variant(run, variant, batch_size, size[0], size[1], steps=0, warmup=0,
-                             device='cpu', model_cfg=random_init(run.model))
+                             device='cpu', model_cfg=random_init(run.model), count_ops=False)
     return dict(size=list(size), saved_mib=result.saved_mib,
                 backward_gflop=result.backward_gflop)
 
