@@ -28,7 +28,7 @@ CACHE_SIZE = 4096
 _KEY = '_sbp_row_key'
 _ON_DEVICE = '_sbp_on_device'
 
-F = TypeVar('F', bound=Callable[..., Any])
+Fn = TypeVar('Fn', bound=Callable[..., Any])
 
 
 def row_key(rows: Tensor) -> Hashable:
@@ -57,7 +57,7 @@ def same_rows(a: Tensor, b: Tensor) -> bool:
     return a is b or row_key(a) == row_key(b)
 
 
-def memoised(fn: F) -> F:
+def memoised(fn: Fn) -> Fn:
     """Memoise ``fn``, a pure function of CPU index tensors and hashable values.
 
     Tensor arguments are keyed by their values (``row_key``); the result is
