@@ -15,6 +15,7 @@ from torch.utils.flop_counter import flop_registry
 
 from .amp import cpu_autocast_fallbacks
 from .exact_tools import ACT_CKPT, apply_exact_tools, observe_selective_saves
+from .hooks import SBPHook
 from .models.sbp_types import SBP_BACKBONES
 from .sbp import SavedTensorMeter
 from .variants import Variant
@@ -298,10 +299,8 @@ def measure_variant(config: Config, variant: Variant, batch_size: int, height: i
 def rewind_masks(model: torch.nn.Module) -> None:
     """Make the next training step of ``model``'s SBP modules draw the masks of the step
     just run (each mask sampler one step back)."""
-    for module in model.modules():
-        sampler = getattr(module, 'mask_sampler', None)
-        if sampler is not None and sampler.step > 0:
-            sampler.step -= 1
+    for module in SBPHook.sbp_modules(model):
+        module.mask_sampler.step = max(module.mask_sampler.step - 1, 0)
 
 
 def check_gradients(model: torch.nn.Module, name: str) -> None:
