@@ -210,14 +210,30 @@ class RowGeometry:
     def span(self) -> int:
         return (self.kernel - 1) * self.dilation + 1
 
+    @memoised
     def input_rows(self, out_rows: Tensor, in_height: int) -> Tensor:
         """Input rows that the outputs at ``out_rows`` read (inside the map)."""
-        return _input_rows(self, out_rows, in_height)
+        if out_rows.dim() == 2:
+            return stack_rows([self.input_rows(rows, in_height) for rows in out_rows],
+                              in_height)
+        taps = torch.arange(self.kernel) * self.dilation - self.padding
+        rows = (out_rows[:, None] * self.stride + taps).flatten()
+        return torch.unique(rows[(rows >= 0) & (rows < in_height)])
 
+    @memoised
     def bands(self, out_rows: Tensor) -> List['Band']:
         """Group ``out_rows`` into runs (bands) of equal length, one ``Band``
         per length."""
-        return _bands(self, out_rows)
+        breaks = torch.nonzero(torch.diff(out_rows) != 1).flatten() + 1
+        starts = torch.cat([breaks.new_zeros(1), breaks])
+        lengths = torch.diff(torch.cat([starts, breaks.new_tensor([len(out_rows)])]))
+        groups = []
+        for t in torch.unique(lengths).tolist():
+            first = starts[lengths == t]
+            groups.append(Band(out_rows[first] * self.stride - self.padding,
+                               (first[:, None] + torch.arange(t)).flatten(), t,
+                               (t - 1) * self.stride + self.span))
+        return groups
 
 
 @dataclass(frozen=True)
@@ -238,29 +254,6 @@ class Band:
     @property
     def count(self) -> int:
         return len(self.first_in)
-
-
-@memoised
-def _input_rows(geom: RowGeometry, out_rows: Tensor, in_height: int) -> Tensor:
-    if out_rows.dim() == 2:
-        return stack_rows([_input_rows(geom, rows, in_height) for rows in out_rows], in_height)
-    taps = torch.arange(geom.kernel) * geom.dilation - geom.padding
-    rows = (out_rows[:, None] * geom.stride + taps).flatten()
-    return torch.unique(rows[(rows >= 0) & (rows < in_height)])
-
-
-@memoised
-def _bands(geom: RowGeometry, out_rows: Tensor) -> List[Band]:
-    breaks = torch.nonzero(torch.diff(out_rows) != 1).flatten() + 1
-    starts = torch.cat([breaks.new_zeros(1), breaks])
-    lengths = torch.diff(torch.cat([starts, breaks.new_tensor([len(out_rows)])]))
-    groups = []
-    for t in torch.unique(lengths).tolist():
-        first = starts[lengths == t]
-        groups.append(Band(out_rows[first] * geom.stride - geom.padding,
-                           (first[:, None] + torch.arange(t)).flatten(), t,
-                           (t - 1) * geom.stride + geom.span))
-    return groups
 
 
 @memoised
